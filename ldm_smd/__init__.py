@@ -1,0 +1,3 @@
+"""ldm-smd: latent diffusion with Soft Mixture Denoising (Li, van Breugel, van der Schaar, ICLR 2024)."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,66 @@
+"""Seeded random draws shared by every layer.
+
+Every random draw in the package goes through :func:`randn`, which takes either one
+``torch.Generator`` for the whole batch or a sequence of generators, one per batch row.
+The per-row form makes sampling independent of the batch size: sample ``i`` always comes
+from ``torch.Generator().manual_seed(seed + i)``, however the samples are split into batches.
+
+Draws happen on the generator's device and are then moved, so a CPU generator gives the same
+numbers whatever device the model runs on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+GeneratorLike = torch.Generator | Sequence[torch.Generator] | None
+
+
+def row_generators(seed: int, start: int, count: int) -> list[torch.Generator]:
+    """CPU generators for batch rows ``start .. start + count - 1`` of a run seeded with ``seed``."""
+    return [torch.Generator().manual_seed(seed + i) for i in range(start, start + count)]
+
+
+def randn(
+    shape: Sequence[int],
+    *,
+    generator: GeneratorLike,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Standard normal draw of ``shape``.
+
+    ``generator`` is one generator (or ``None`` for torch's global one) for the whole tensor, or a
+    sequence with one generator per row, in which case ``len(generator)`` must equal ``shape[0]``.
+    """
+    shape = tuple(int(s) for s in shape)
+    if generator is None or isinstance(generator, torch.Generator):
+        gen_device = generator.device if generator is not None else device
+        out = torch.randn(shape, generator=generator, device=gen_device, dtype=dtype)
+        return out.to(device) if device is not None else out
+    generators = list(generator)
+    if len(generators) != shape[0]:
+        raise ValueError(
+            f"randn: got {len(generators)} per-row generators for a batch of {shape[0]} rows"
+        )
+    rows = [torch.randn(shape[1:], generator=g, device=g.device, dtype=dtype) for g in generators]
+    out = torch.stack(rows) if rows else torch.empty(shape, dtype=dtype)
+    return out.to(device) if device is not None else out
+
+
+def randn_like(x: torch.Tensor, *, generator: GeneratorLike) -> torch.Tensor:
+    """Standard normal draw with the shape, dtype and device of ``x``."""
+    return randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+def repeat_generators(generator: GeneratorLike, times: int) -> GeneratorLike:
+    """Generators for a batch whose rows were repeated ``times`` times with ``x.repeat(times, ...)``.
+
+    A single generator (or None) is returned unchanged; a per-row list is tiled the same way the
+    rows were, so row ``i + k * B`` draws from the generator of row ``i`` (consecutive draws).
+    """
+    if generator is None or isinstance(generator, torch.Generator):
+        return generator
+    return list(generator) * times
