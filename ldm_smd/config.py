@@ -1,0 +1,318 @@
+"""Experiment configs: CompVis-style YAML with ``target`` / ``params`` blocks.
+
+A config file has these top-level sections::
+
+    seed: 0                     # every random draw of the run derives from it
+    run_dir: runs/NAME          # checkpoints, logs, samples and the resolved config go here
+    model:   {target: dotted.path.Class, params: {...}}
+    data:    {target: dotted.path.Class, params: {...}}
+    trainer: {...}              # keyword arguments of lightning.Trainer
+    checkpoint: {every_n_train_steps: 500, save_top_k: 1}
+    logging: {tensorboard: true, csv: true}
+
+:func:`load_config` reads a file and merges ``a.b.c=value`` overrides; :func:`validate_config`
+checks the whole tree before any work starts: unknown keys and wrongly typed values are errors
+that name the key and list the valid ones. :func:`instantiate` builds objects from ``target`` /
+``params`` blocks; a nested block is built first unless the receiving parameter is annotated
+``dict`` (then the receiver gets the spec and builds it itself).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+TOP_LEVEL_KEYS = {
+    "seed": "integer seed of the run",
+    "run_dir": "folder for checkpoints, logs and samples",
+    "model": "target/params block of the LightningModule",
+    "data": "target/params block of the LightningDataModule",
+    "trainer": "keyword arguments of lightning.Trainer",
+    "checkpoint": "checkpointing: every_n_train_steps, save_top_k",
+    "logging": "loggers: tensorboard (bool), csv (bool)",
+    "nan_guard": "non-finite loss or gradient: action (stop | skip), max_skips",
+}
+CHECKPOINT_KEYS = {"every_n_train_steps": int, "save_top_k": int}
+LOGGING_KEYS = {"tensorboard": bool, "csv": bool}
+NAN_GUARD_KEYS = {"action": str, "max_skips": int}
+
+
+class ConfigError(ValueError):
+    """A config names an unknown key, a wrong type or an unimportable target."""
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key.path=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {item!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {item!r}: value {raw!r} is not valid YAML ({exc})") from exc
+    return key, value
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Read a YAML config, apply ``key.path=value`` overrides and validate it.
+
+    Returns a plain nested dict (no OmegaConf objects), so it can be saved in checkpoints.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        conf = OmegaConf.load(path)
+    except Exception as exc:  # omegaconf raises several parser error types
+        raise ConfigError(f"config file {path} could not be parsed: {exc}") from exc
+    if not isinstance(conf, DictConfig):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    for item in overrides:
+        key, value = _parse_override(item)
+        OmegaConf.update(conf, key, value, merge=True, force_add=True)
+    config = OmegaConf.to_container(conf, resolve=True)
+    assert isinstance(config, dict)
+    validate_config(config, source=str(path))
+    return config
+
+
+def to_plain(obj: Any) -> Any:
+    """Convert OmegaConf containers (and tuples) into plain dicts and lists."""
+    if isinstance(obj, DictConfig | ListConfig):
+        obj = OmegaConf.to_container(obj, resolve=True)
+    if isinstance(obj, Mapping):
+        return {str(k): to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [to_plain(v) for v in obj]
+    return obj
+
+
+def save_config(config: Mapping[str, Any], path: str | Path) -> None:
+    """Write the resolved config as YAML (to a temporary name, then renamed)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_plain(config), sort_keys=False))
+    tmp.replace(path)
+
+
+# ----------------------------------------------------------------------------- targets
+
+
+def import_target(target: str, *, key: str = "target") -> Any:
+    """Import ``package.module.Name``; errors name the key and the dotted path."""
+    if not isinstance(target, str) or "." not in target:
+        raise ConfigError(f"{key}: {target!r} is not a dotted path like package.module.Class")
+    module_name, _, attr = target.rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"{key}: cannot import module {module_name!r} ({exc})") from exc
+    if not hasattr(module, attr):
+        public = sorted(n for n in dir(module) if not n.startswith("_") and n[0].isupper())
+        raise ConfigError(
+            f"{key}: module {module_name!r} has no {attr!r}; it defines: {', '.join(public)}"
+        )
+    return getattr(module, attr)
+
+
+def is_spec(value: Any) -> bool:
+    """True for a ``{target: ..., params: ...}`` block."""
+    return isinstance(value, Mapping) and "target" in value
+
+
+def _signature_params(obj: Any) -> tuple[dict[str, inspect.Parameter], dict[str, Any], bool]:
+    init = obj.__init__ if inspect.isclass(obj) else obj
+    sig = inspect.signature(init)
+    params = {
+        name: p
+        for name, p in sig.parameters.items()
+        if name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    }
+    takes_kwargs = any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
+    try:
+        hints = typing.get_type_hints(init)
+    except Exception:  # unresolvable forward references: skip type checks, keep name checks
+        hints = {}
+    return params, hints, takes_kwargs
+
+
+def _type_name(annotation: Any) -> str:
+    if isinstance(annotation, type):
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")
+
+
+def check_type(value: Any, annotation: Any) -> bool:
+    """Does a YAML value fit a constructor annotation? Unknown annotations accept anything."""
+    if annotation is Any or annotation is inspect.Parameter.empty:
+        return True
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(check_type(value, a) for a in args)
+    if origin is typing.Literal:
+        return value in args
+    if annotation is type(None):
+        return value is None
+    if annotation is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation in (str, bool):
+        return isinstance(value, annotation)
+    if annotation is Path:
+        return isinstance(value, str | Path)
+    if origin in (list, tuple, Sequence) or annotation in (list, tuple):
+        if not isinstance(value, list | tuple):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(map(check_type, value, args))
+        inner = args[0] if args else Any
+        return all(check_type(v, inner) for v in value)
+    if origin in (dict, Mapping) or annotation in (dict, Mapping):
+        return isinstance(value, Mapping)
+    if isinstance(annotation, type):
+        # a class-typed parameter (e.g. an nn.Module) is given as a target/params block
+        return isinstance(value, annotation) or is_spec(value)
+    return True
+
+
+def validate_spec(spec: Any, *, key: str) -> None:
+    """Check one ``target`` / ``params`` block and every block nested in it."""
+    if not isinstance(spec, Mapping):
+        raise ConfigError(f"{key}: expected a mapping with 'target' and 'params', got {spec!r}")
+    extra = set(spec) - {"target", "params"}
+    if extra:
+        raise ConfigError(
+            f"{key}: unknown key(s) {sorted(extra)}; a block has only 'target' and 'params'"
+        )
+    if "target" not in spec:
+        raise ConfigError(f"{key}: missing 'target' (a dotted path like package.module.Class)")
+    obj = import_target(spec["target"], key=f"{key}.target")
+    params = spec.get("params") or {}
+    if not isinstance(params, Mapping):
+        raise ConfigError(f"{key}.params: expected a mapping, got {params!r}")
+    accepted, hints, takes_kwargs = _signature_params(obj)
+    valid = ", ".join(sorted(accepted)) or "(none)"
+    for name, value in params.items():
+        pkey = f"{key}.params.{name}"
+        if name not in accepted:
+            if takes_kwargs:
+                continue
+            raise ConfigError(f"{pkey}: unknown parameter of {spec['target']}; valid: {valid}")
+        annotation = hints.get(name, inspect.Parameter.empty)
+        if not check_type(value, annotation):
+            raise ConfigError(
+                f"{pkey}: expected {_type_name(annotation)}, got {type(value).__name__} "
+                f"{value!r}"
+            )
+        if is_spec(value):
+            validate_spec(value, key=pkey)
+        elif isinstance(value, Mapping):
+            for sub, subvalue in value.items():
+                if is_spec(subvalue):
+                    validate_spec(subvalue, key=f"{pkey}.{sub}")
+    missing = [
+        n
+        for n, p in accepted.items()
+        if p.default is inspect.Parameter.empty and n not in params
+    ]
+    if missing:
+        raise ConfigError(
+            f"{key}.params: missing required parameter(s) {missing} of {spec['target']}"
+        )
+
+
+def _check_section(config: Mapping[str, Any], name: str, allowed: dict[str, type]) -> None:
+    section = config.get(name)
+    if section is None:
+        return
+    if not isinstance(section, Mapping):
+        raise ConfigError(f"{name}: expected a mapping, got {section!r}")
+    for key, value in section.items():
+        if key not in allowed:
+            raise ConfigError(f"{name}.{key}: unknown key; valid: {', '.join(sorted(allowed))}")
+        if not check_type(value, allowed[key]):
+            raise ConfigError(
+                f"{name}.{key}: expected {allowed[key].__name__}, got {value!r}"
+            )
+
+
+def validate_config(config: Mapping[str, Any], *, source: str = "config") -> None:
+    """Validate a whole run config; raises :class:`ConfigError` naming the first bad key."""
+    unknown = set(config) - set(TOP_LEVEL_KEYS)
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown top-level key(s) {sorted(unknown)}; valid: "
+            + ", ".join(sorted(TOP_LEVEL_KEYS))
+        )
+    if "model" not in config:
+        raise ConfigError(f"{source}: missing the 'model' block")
+    if "seed" in config and not check_type(config["seed"], int):
+        raise ConfigError(f"seed: expected int, got {config['seed']!r}")
+    if "run_dir" in config and not isinstance(config["run_dir"], str):
+        raise ConfigError(f"run_dir: expected a path string, got {config['run_dir']!r}")
+    validate_spec(config["model"], key="model")
+    if "data" in config and config["data"] is not None:
+        validate_spec(config["data"], key="data")
+    trainer = config.get("trainer") or {}
+    if not isinstance(trainer, Mapping):
+        raise ConfigError(f"trainer: expected a mapping, got {trainer!r}")
+    if trainer:
+        from lightning import Trainer
+
+        accepted, _, _ = _signature_params(Trainer)
+        for key in trainer:
+            if key not in accepted:
+                raise ConfigError(
+                    f"trainer.{key}: unknown lightning.Trainer argument; valid: "
+                    + ", ".join(sorted(accepted))
+                )
+    _check_section(config, "checkpoint", CHECKPOINT_KEYS)
+    _check_section(config, "logging", LOGGING_KEYS)
+    _check_section(config, "nan_guard", NAN_GUARD_KEYS)
+    action = (config.get("nan_guard") or {}).get("action", "stop")
+    if action not in ("stop", "skip"):
+        raise ConfigError(f"nan_guard.action: {action!r} is not one of: stop, skip")
+
+
+def instantiate(spec: Mapping[str, Any], **extra: Any) -> Any:
+    """Build ``target(**params, **extra)``.
+
+    A nested ``target`` / ``params`` block is built first, unless the receiving parameter is
+    annotated ``dict`` (the receiver then builds it itself, e.g. a Lightning module that keeps
+    its hyper-parameters as plain data).
+    """
+    if not is_spec(spec):
+        raise ConfigError(f"instantiate: expected a block with 'target', got {spec!r}")
+    obj = import_target(spec["target"])
+    params = dict(spec.get("params") or {})
+    _, hints, _ = _signature_params(obj)
+    for name, value in params.items():
+        if is_spec(value) and not _wants_dict(hints.get(name)):
+            params[name] = instantiate(value)
+    return obj(**params, **extra)
+
+
+def _wants_dict(annotation: Any) -> bool:
+    if annotation is None:
+        return False
+    candidates = typing.get_args(annotation) if typing.get_origin(annotation) in (
+        typing.Union,
+        types.UnionType,
+    ) else (annotation,)
+    return any(c in (dict, Mapping) or typing.get_origin(c) in (dict, Mapping) for c in candidates)

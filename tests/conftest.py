@@ -1,0 +1,15 @@
+"""Shared test set-up: fp32 on few threads, and no run may reach the network."""
+
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(autouse=True)
+def _no_hub(monkeypatch, tmp_path_factory):
+    # any accidental hub download would go to an empty temp cache and fail offline
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.getbasetemp() / "torch_home"))
