@@ -37,11 +37,11 @@ TOP_LEVEL_KEYS = {
     "data": "target/params block of the LightningDataModule",
     "trainer": "keyword arguments of lightning.Trainer",
     "checkpoint": "checkpointing: every_n_train_steps, save_top_k",
-    "logging": "loggers: tensorboard (bool), csv (bool)",
+    "logging": "loggers (tensorboard, csv: bool) and sample grids (sample_every_n_steps, sample_n)",
     "nan_guard": "non-finite loss or gradient: action (stop | skip), max_skips",
 }
 CHECKPOINT_KEYS = {"every_n_train_steps": int, "save_top_k": int}
-LOGGING_KEYS = {"tensorboard": bool, "csv": bool}
+LOGGING_KEYS = {"tensorboard": bool, "csv": bool, "sample_every_n_steps": int, "sample_n": int}
 NAN_GUARD_KEYS = {"action": str, "max_skips": int}
 
 

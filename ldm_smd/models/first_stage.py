@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ldm_smd.rng import GeneratorLike, randn_like
+from ldm_smd.nn.autoencoder import AutoencoderKL
+from ldm_smd.rng import GeneratorLike
 
 IDENTITY = "identity"
 
@@ -57,10 +58,7 @@ class FirstStage(nn.Module):
         if self.autoencoder is None:
             return images
         posterior = self.autoencoder.encode(images)
-        if self.sample_posterior:
-            z = posterior.mean + posterior.std * randn_like(posterior.mean, generator=generator)
-        else:
-            z = posterior.mode()
+        z = posterior.sample(generator) if self.sample_posterior else posterior.mode()
         return self.scale_factor * z
 
     @torch.no_grad()
@@ -98,9 +96,14 @@ def build_first_stage(
             ddconfig=(architecture or {}).get("ddconfig"),
             embed_dim=(architecture or {}).get("embed_dim"),
         )
-        return autoencoder, scale, convert.architecture_of(autoencoder)
+        return autoencoder, scale, architecture_of(autoencoder)
     if architecture is None:
         raise ValueError(
             "cannot rebuild the first stage: the checkpoint records no first-stage architecture"
         )
-    return convert.build_autoencoder(**architecture), None, architecture
+    return AutoencoderKL(**architecture), None, architecture
+
+
+def architecture_of(autoencoder: AutoencoderKL) -> dict[str, Any]:
+    """What a stage-2 checkpoint records to rebuild its first stage without the source file."""
+    return {"ddconfig": dict(autoencoder.ddconfig), "embed_dim": int(autoencoder.embed_dim)}
