@@ -67,7 +67,9 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
         try:
             return load_file(str(path), device=str(map_location))
         except Exception as exc:  # safetensors raises its own error types
-            raise CheckpointError(f"checkpoint {path} is not a readable safetensors file: {exc}")
+            raise CheckpointError(
+                f"checkpoint {path} is not a readable safetensors file: {exc}"
+            ) from exc
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:

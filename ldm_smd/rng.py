@@ -19,7 +19,7 @@ GeneratorLike = torch.Generator | Sequence[torch.Generator] | None
 
 
 def row_generators(seed: int, start: int, count: int) -> list[torch.Generator]:
-    """CPU generators for batch rows ``start .. start + count - 1`` of a run seeded with ``seed``."""
+    """CPU generators for rows ``start .. start + count - 1`` of a run seeded with ``seed``."""
     return [torch.Generator().manual_seed(seed + i) for i in range(start, start + count)]
 
 
@@ -56,10 +56,10 @@ def randn_like(x: torch.Tensor, *, generator: GeneratorLike) -> torch.Tensor:
 
 
 def repeat_generators(generator: GeneratorLike, times: int) -> GeneratorLike:
-    """Generators for a batch whose rows were repeated ``times`` times with ``x.repeat(times, ...)``.
+    """Generators for a batch whose rows were repeated with ``x.repeat(times, ...)``.
 
-    A single generator (or None) is returned unchanged; a per-row list is tiled the same way the
-    rows were, so row ``i + k * B`` draws from the generator of row ``i`` (consecutive draws).
+    A single generator (or None) is returned unchanged; a per-row list is tiled the same way
+    the rows were, so row ``i + k * B`` draws from the generator of row ``i`` (consecutive draws).
     """
     if generator is None or isinstance(generator, torch.Generator):
         return generator

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from ldm_smd.callbacks import AtomicCheckpointIO, NanGuard, SampleGrid
@@ -67,7 +67,6 @@ def build_trainer(config: dict[str, Any], run_dir: Path) -> L.Trainer:
             save_last=True,
         ),
         NanGuard(action=guard.get("action", "stop"), max_skips=guard.get("max_skips", 100)),
-        TQDMProgressBar(),
     ]
     sample_every = int(logging_opts.get("sample_every_n_steps", 0))
     if sample_every:

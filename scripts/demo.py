@@ -60,7 +60,9 @@ def main() -> None:
     if args.ae_steps:
         overrides.append(f"trainer.max_steps={args.ae_steps}")
     stage1 = train(ae_cfg, overrides)
-    recon_path, psnr = reconstruction_grid(stage1["checkpoint"], ae_cfg, out / "reconstructions.png")
+    recon_path, psnr = reconstruction_grid(
+        stage1["checkpoint"], ae_cfg, out / "reconstructions.png"
+    )
     timings["stage 1 (autoencoder)"] = time.perf_counter() - t
 
     t = time.perf_counter()

@@ -21,11 +21,12 @@ TINY_DATA = [
     "data.params.batch_size=4",
     "data.params.train.params.size=16",
     "data.params.train.params.length=64",
+    "trainer.log_every_n_steps=1",
 ]
 TINY_AE = TINY_DATA + [
-    "model.params.ddconfig.ch=8",
+    "model.params.ddconfig.ch=32",
     "model.params.ddconfig.resolution=16",
-    "model.params.ddconfig.ch_mult=[1,2]",
+    "model.params.ddconfig.ch_mult=[1,1]",
     "trainer.max_steps=3",
     "trainer.enable_progress_bar=false",
     "trainer.enable_model_summary=false",

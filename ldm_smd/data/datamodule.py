@@ -1,0 +1,262 @@
+"""A LightningDataModule over any map-style image dataset of this package.
+
+The train and validation datasets are given as ``{target, params}`` blocks (built here with
+:func:`ldm_smd.config.instantiate`; the config loader has already validated them against the
+dataset's constructor) or as dataset objects when used from Python.
+
+Reproducibility: the training order of epoch ``e`` is a permutation drawn from a generator seeded
+with ``(seed, e)`` (Lightning calls ``set_epoch`` on the sampler), so it is the same in every run
+and after resuming at an epoch boundary. DataLoader workers are seeded from ``(seed, e,
+worker_id)`` (torch, numpy and ``random``), so per-item augmentation inside datasets is
+reproducible too when workers are re-created each epoch (``persistent_workers: false``).
+Batch-level augmentation (:class:`~ldm_smd.data.transforms.BatchAugment`) runs after the batch
+reached the device, in ``on_after_batch_transfer``, during training only; its generator's state
+is part of the DataModule's ``state_dict`` and so of Lightning checkpoints.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ldm_smd.data.transforms import BatchAugment
+
+_MASK63 = (1 << 63) - 1
+
+
+def _epoch_seed(seed: int, epoch: int, salt: int = 0) -> int:
+    return (seed * 1_000_003 + epoch * 7_919 + salt * 104_729 + 0x5EED) & _MASK63
+
+
+def build_dataset(spec: Mapping[str, Any] | Dataset, *, key: str) -> Dataset:
+    """A dataset from a ``{target, params}`` block, or the dataset itself when given one."""
+    if isinstance(spec, Dataset):
+        return spec
+    if not isinstance(spec, Mapping) or "target" not in spec:
+        raise ValueError(
+            f"{key}: expected a dataset or a {{target, params}} block, got {spec!r}"
+        )
+    from ldm_smd.config import instantiate  # lazy: keeps `import ldm_smd.data` light
+
+    dataset = instantiate(spec)
+    if not isinstance(dataset, Dataset) and not hasattr(dataset, "__getitem__"):
+        raise TypeError(f"{key}: {spec['target']} did not build a dataset (got {type(dataset)})")
+    return dataset
+
+
+class SeededEpochSampler(Sampler[int]):
+    """Indices ``0..n-1``, shuffled by a permutation that depends only on ``(seed, epoch)``.
+
+    Args:
+        length: number of items.
+        seed: seed of the order.
+        shuffle: draw a permutation (else sequential order).
+    """
+
+    def __init__(self, *, length: int, seed: int = 0, shuffle: bool = True) -> None:
+        self.length = int(length)
+        self.seed = int(seed)
+        self.shuffle = shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select epoch ``epoch``'s permutation (Lightning calls this before each epoch)."""
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        if not self.shuffle:
+            return iter(range(self.length))
+        g = torch.Generator().manual_seed(_epoch_seed(self.seed, self.epoch))
+        return iter(torch.randperm(self.length, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.length
+
+
+class _WorkerSeeder:
+    """worker_init_fn: seeds torch, numpy and random in a worker from (seed, epoch, worker_id)."""
+
+    def __init__(self, sampler: SeededEpochSampler) -> None:
+        self.sampler = sampler
+
+    def __call__(self, worker_id: int) -> None:
+        s = _epoch_seed(self.sampler.seed, self.sampler.epoch, salt=worker_id + 1)
+        torch.manual_seed(s)
+        np.random.seed(s % (1 << 32))
+        random.seed(s)
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Train / validation DataLoaders over image datasets, with seeded order and batch augmentation.
+
+    Batches are whatever the dataset's items collate to, e.g. ``{"image": (B, 3, H, W) in
+    [-1, 1], "label": (B,)}``.
+
+    Args:
+        train: the training dataset's ``{target, params}`` block (or a dataset object).
+        validation: the validation dataset's block (or object); ``None`` for no validation.
+        batch_size: training batch size.
+        val_batch_size: validation batch size; ``None`` uses ``batch_size``.
+        num_workers: DataLoader worker processes (0 loads in the main process).
+        pin_memory: pin host memory (faster host-to-GPU copies).
+        persistent_workers: keep workers alive between epochs (needs ``num_workers > 0``).
+        prefetch_factor: batches prefetched per worker; ``None`` keeps PyTorch's default.
+        shuffle: shuffle the training set each epoch (seeded).
+        drop_last: drop the last incomplete training batch.
+        batch_augment: keyword arguments of :class:`~ldm_smd.data.transforms.BatchAugment`
+            (e.g. ``{flip_p: 0.5}``), applied to training batches on the device; ``None`` for none.
+        image_key: the batch entry that batch augmentation transforms.
+        seed: seed of the data order, the worker seeds and (unless it names its own) the batch
+            augmentation.
+    """
+
+    def __init__(
+        self,
+        *,
+        train: dict[str, Any] | Dataset,
+        validation: dict[str, Any] | Dataset | None = None,
+        batch_size: int,
+        val_batch_size: int | None = None,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+        prefetch_factor: int | None = None,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        batch_augment: dict[str, Any] | None = None,
+        image_key: str = "image",
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"ImageDataModule: batch_size={batch_size} must be positive")
+        if val_batch_size is not None and val_batch_size < 1:
+            raise ValueError(f"ImageDataModule: val_batch_size={val_batch_size} must be positive")
+        if num_workers < 0:
+            raise ValueError(f"ImageDataModule: num_workers={num_workers} must be >= 0")
+        if persistent_workers and num_workers == 0:
+            raise ValueError("ImageDataModule: persistent_workers=true needs num_workers > 0")
+        if prefetch_factor is not None and num_workers == 0:
+            raise ValueError("ImageDataModule: prefetch_factor needs num_workers > 0")
+        self._train_spec = train
+        self._val_spec = validation
+        self.batch_size = int(batch_size)
+        self.val_batch_size = int(val_batch_size or batch_size)
+        self.num_workers = int(num_workers)
+        self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers
+        self.prefetch_factor = prefetch_factor
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.image_key = image_key
+        self.seed = int(seed)
+        aug = dict(batch_augment or {})
+        aug.setdefault("seed", self.seed)
+        self.augment: BatchAugment | None = BatchAugment(**aug) if batch_augment else None
+        self.train_dataset: Dataset | None = None
+        self.val_dataset: Dataset | None = None
+        self.train_sampler: SeededEpochSampler | None = None
+
+    # ------------------------------------------------------------------ datasets
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the datasets (once; later calls are no-ops)."""
+        if self.train_dataset is None:
+            self.train_dataset = build_dataset(self._train_spec, key="data.params.train")
+            n = len(self.train_dataset)  # type: ignore[arg-type]
+            if n == 0:
+                raise ValueError("ImageDataModule: the training dataset is empty")
+            if self.drop_last and n < self.batch_size:
+                raise ValueError(
+                    f"ImageDataModule: the training dataset has {n} items, fewer than "
+                    f"batch_size={self.batch_size} with drop_last=true: no batch would be made"
+                )
+            self.train_sampler = SeededEpochSampler(length=n, seed=self.seed, shuffle=self.shuffle)
+        if self.val_dataset is None and self._val_spec is not None:
+            self.val_dataset = build_dataset(self._val_spec, key="data.params.validation")
+
+    def _loader(self, dataset: Dataset, *, batch_size: int, sampler: Sampler[int] | None,
+                drop_last: bool, seeder: _WorkerSeeder | None) -> DataLoader:
+        kwargs: dict[str, Any] = {}
+        if self.num_workers > 0:
+            kwargs["persistent_workers"] = self.persistent_workers
+            if self.prefetch_factor is not None:
+                kwargs["prefetch_factor"] = self.prefetch_factor
+            if seeder is not None:
+                kwargs["worker_init_fn"] = seeder
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            drop_last=drop_last,
+            **kwargs,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup("fit")
+        assert self.train_dataset is not None and self.train_sampler is not None
+        return self._loader(
+            self.train_dataset,
+            batch_size=self.batch_size,
+            sampler=self.train_sampler,
+            drop_last=self.drop_last,
+            seeder=_WorkerSeeder(self.train_sampler),
+        )
+
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        self.setup("validate")
+        if self.val_dataset is None:
+            return []
+        seeder = _WorkerSeeder(SeededEpochSampler(length=1, seed=self.seed + 1, shuffle=False))
+        return self._loader(
+            self.val_dataset,
+            batch_size=self.val_batch_size,
+            sampler=None,
+            drop_last=False,
+            seeder=seeder,
+        )
+
+    # ------------------------------------------------------------------ batch augmentation
+
+    def augment_batch(self, batch: Any) -> Any:
+        """Apply the batch augmentation to ``batch[image_key]`` (a no-op without one)."""
+        if self.augment is None:
+            return batch
+        if isinstance(batch, Mapping):
+            if self.image_key not in batch:
+                raise KeyError(
+                    f"ImageDataModule: batch has no {self.image_key!r} entry to augment; "
+                    f"keys: {sorted(batch)}"
+                )
+            out = dict(batch)
+            out[self.image_key] = self.augment(batch[self.image_key])
+            return out
+        if isinstance(batch, torch.Tensor):
+            return self.augment(batch)
+        raise TypeError(f"ImageDataModule: cannot augment a batch of type {type(batch).__name__}")
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        trainer = self.trainer
+        if trainer is not None and trainer.training:
+            return self.augment_batch(batch)
+        return batch
+
+    # ------------------------------------------------------------------ checkpoint state
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"seed": self.seed}
+        if self.augment is not None:
+            state["augment_rng"] = self.augment.rng_state()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.augment is not None and "augment_rng" in state_dict:
+            self.augment.set_rng_state(state_dict["augment_rng"])
