@@ -1,0 +1,131 @@
+"""The latent scale factor: ``1 / std`` of a first stage's latents, and writing it into a config.
+
+The estimate uses *sampled* latents ``z ~ q(z | x)`` (mean + std * eps), because that is what the
+stage-2 model is trained on when the first stage samples its posterior (CompVis's convention;
+their ``scale_factor`` is ``1 / z.flatten().std()`` of a sampled first batch). The standard
+deviation is taken over every element of every batch together (not per channel), in float64.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+import yaml
+from torch import nn
+
+from ldm_smd.rng import GeneratorLike
+
+
+@torch.no_grad()
+def estimate_scale_factor(
+    autoencoder: nn.Module,
+    batches: Iterable[torch.Tensor],
+    *,
+    generator: GeneratorLike = None,
+    sample_posterior: bool = True,
+) -> float:
+    """``1 / std`` of the latents of ``batches`` (images in [-1, 1], NCHW).
+
+    Latents are posterior samples drawn with ``generator`` (``sample_posterior=False``: the
+    posterior mean). The std is pooled over all elements of all batches.
+    """
+    device = next(autoencoder.parameters()).device
+    count, total, total_sq = 0, 0.0, 0.0
+    for images in batches:
+        posterior = autoencoder.encode(images.to(device))
+        z = posterior.sample(generator) if sample_posterior else posterior.mode()
+        z = z.double()
+        count += z.numel()
+        total += float(z.sum())
+        total_sq += float(z.pow(2).sum())
+    if count < 2:
+        raise ValueError("estimate_scale_factor: no latents (the batches were empty)")
+    mean = total / count
+    var = (total_sq - count * mean * mean) / (count - 1)
+    if not var > 0:
+        raise ValueError(f"estimate_scale_factor: latent variance is {var}; cannot take 1/std")
+    return float(var**-0.5)
+
+
+def _edit_in_place(text: str, value: float) -> str | None:
+    """``text`` with ``model.params.scale_factor`` set by editing that one line (or inserting it
+    under ``params:``), keeping comments and layout; ``None`` where the layout is too unusual."""
+    lines = text.splitlines(keepends=True)
+    path: list[tuple[int, str]] = []  # (indent, key) of the enclosing block keys
+    params_line = None
+    for i, line in enumerate(lines):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        indent = len(line) - len(line.lstrip(" "))
+        match = re.match(r"([A-Za-z_][\w-]*)\s*:(\s*(#.*)?)?$|([A-Za-z_][\w-]*)\s*:\s", stripped)
+        if not match or stripped.startswith("-"):
+            continue
+        key = match.group(1) or match.group(4)
+        while path and path[-1][0] >= indent:
+            path.pop()
+        keys = [k for _, k in path]
+        if keys == ["model", "params"] and key == "scale_factor":
+            head = line[: indent] + "scale_factor: "
+            comment = re.search(r"\s+#.*$", line.rstrip("\n"))
+            tail = (comment.group(0) if comment else "") + "\n"
+            lines[i] = f"{head}{value!r}{tail}"
+            return "".join(lines)
+        if match.group(1):  # a key opening a block
+            path.append((indent, key))
+            if [k for _, k in path] == ["model", "params"]:
+                params_line = i
+    if params_line is None:
+        return None
+    child_indent = None
+    for line in lines[params_line + 1:]:
+        if line.strip() and not line.strip().startswith("#"):
+            child_indent = len(line) - len(line.lstrip(" "))
+            break
+    parent_indent = len(lines[params_line]) - len(lines[params_line].lstrip(" "))
+    if child_indent is None or child_indent <= parent_indent:
+        return None
+    lines.insert(params_line + 1, " " * child_indent + f"scale_factor: {value!r}\n")
+    return "".join(lines)
+
+
+def write_scale_factor(config_path: str | Path, value: float) -> Path:
+    """Set ``model.params.scale_factor`` in the YAML file ``config_path`` to ``value``.
+
+    The file is edited in place where its layout allows (comments and order kept), otherwise
+    re-serialised; either way the result is checked to parse to the old content plus the new
+    value. The new file is written to a temporary name in the same folder, then renamed.
+    """
+    path = Path(config_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"write_scale_factor: config {path} not found")
+    original = path.read_text()
+    config = yaml.safe_load(original)
+    model = config.get("model") if isinstance(config, dict) else None
+    if not isinstance(model, dict):
+        raise KeyError(f"{path}: no 'model' block to put model.params.scale_factor in")
+    if model.get("params") is None:
+        model["params"] = {}
+    if not isinstance(model["params"], dict):
+        raise KeyError(f"{path}: model.params is not a mapping ({model['params']!r})")
+    value = float(value)
+    model["params"]["scale_factor"] = value
+    text = _edit_in_place(original, value)
+    if text is None or yaml.safe_load(text) != config:
+        text = yaml.safe_dump(config, sort_keys=False, default_flow_style=None)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
