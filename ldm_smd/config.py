@@ -10,7 +10,8 @@ A config file has these top-level sections::
     checkpoint: {every_n_train_steps: 500, save_top_k: 1}
     logging: {tensorboard: true, csv: true}
 
-:func:`load_config` reads a file and merges ``a.b.c=value`` overrides; :func:`validate_config`
+:func:`load_config` reads a file and applies overrides: ``a.b.c=value`` sets a key (a mapping
+value replaces the whole block), ``~a.b.c`` deletes one; :func:`validate_config`
 checks the whole tree before any work starts: unknown keys and wrongly typed values are errors
 that name the key and list the valid ones. :func:`instantiate` builds objects from ``target`` /
 ``params`` blocks; a nested block is built first unless the receiving parameter is annotated
@@ -81,12 +82,23 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, An
     if not isinstance(conf, DictConfig):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
     for item in overrides:
+        if item.startswith("~"):
+            _delete(conf, item[1:], source=str(path))
+            continue
         key, value = _parse_override(item)
-        OmegaConf.update(conf, key, value, merge=True, force_add=True)
+        OmegaConf.update(conf, key, value, merge=False, force_add=True)
     config = OmegaConf.to_container(conf, resolve=True)
     assert isinstance(config, dict)
     validate_config(config, source=str(path))
     return config
+
+
+def _delete(conf: DictConfig, key: str, *, source: str) -> None:
+    parent_key, _, leaf = key.rpartition(".")
+    parent = OmegaConf.select(conf, parent_key) if parent_key else conf
+    if not isinstance(parent, DictConfig) or leaf not in parent:
+        raise ConfigError(f"override ~{key}: {source} has no key {key!r} to delete")
+    del parent[leaf]
 
 
 def to_plain(obj: Any) -> Any:

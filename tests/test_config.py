@@ -59,6 +59,15 @@ def test_overrides_merge_with_yaml_types(tmp_path):
     assert cfg["seed"] == 7
 
 
+def test_mapping_override_replaces_block_and_tilde_deletes(tmp_path):
+    cfg = base()
+    cfg["model"]["params"]["extra"] = {"a": 1, "b": 2}
+    out = load_config(write(tmp_path, cfg), ["model.params.extra={c: 3}", "~seed"])
+    assert out["model"]["params"]["extra"] == {"c": 3} and "seed" not in out
+    with pytest.raises(ConfigError, match="no key 'model.params.nope'"):
+        load_config(write(tmp_path, cfg), ["~model.params.nope"])
+
+
 def test_unknown_param_names_key_and_lists_valid(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config(write(tmp_path, base()), ["model.params.widht=3"])
