@@ -13,7 +13,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from ldm_smd.nn.autoencoder import AutoencoderKL
 from ldm_smd.rng import GeneratorLike
 
 IDENTITY = "identity"
@@ -96,14 +95,9 @@ def build_first_stage(
             ddconfig=(architecture or {}).get("ddconfig"),
             embed_dim=(architecture or {}).get("embed_dim"),
         )
-        return autoencoder, scale, architecture_of(autoencoder)
+        return autoencoder, scale, convert.architecture_of(autoencoder)
     if architecture is None:
         raise ValueError(
             "cannot rebuild the first stage: the checkpoint records no first-stage architecture"
         )
-    return AutoencoderKL(**architecture), None, architecture
-
-
-def architecture_of(autoencoder: AutoencoderKL) -> dict[str, Any]:
-    """What a stage-2 checkpoint records to rebuild its first stage without the source file."""
-    return {"ddconfig": dict(autoencoder.ddconfig), "embed_dim": int(autoencoder.embed_dim)}
+    return convert.build_autoencoder(**architecture), None, architecture
