@@ -4,16 +4,21 @@
   back weights-only, so the ``last`` checkpoint is always complete and never runs code.
 - :class:`NanGuard`: a non-finite loss term or gradient stops training with a message naming the
   step and the term (the last good checkpoint stays), or skips the batch and counts it.
+- :class:`RngStates`: the global torch / numpy / ``random`` (and CUDA) RNG states travel in the
+  checkpoint, so code that draws from them (dropout, a dataset's own augmentation) resumes exactly.
+- :class:`FinalCheckpoint`: writes ``last.ckpt`` after the final batch, resumable exactly.
 - :class:`SampleGrid`: writes (and logs) a grid of samples every ``every_n_steps`` steps.
 """
 
 from __future__ import annotations
 
 import math
+import random
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
@@ -40,11 +45,24 @@ class NonFiniteError(RuntimeError):
     """Training produced a non-finite loss or gradient."""
 
 
+def _non_finite(value: Any) -> bool:
+    return torch.is_tensor(value) and value.is_floating_point() and not bool(
+        torch.isfinite(value.detach()).all()
+    )
+
+
 class NanGuard(L.Callback):
     """Stop (default) or skip a batch on a non-finite loss term or gradient.
 
+    Checked before every optimizer step (automatic and manual optimisation alike). Loss terms are
+    read from the module's ``loss_terms`` dict when it has one (set in ``training_step`` before
+    the step), else from the ``train/*`` metrics logged so far. Under ``16-mixed`` the gradient
+    scaler owns non-finite gradients (it skips those steps and lowers its scale), so only loss
+    terms are checked there.
+
     Args:
-        action: ``stop`` raises :class:`NonFiniteError`; ``skip`` drops the update and counts it.
+        action: ``stop`` raises :class:`NonFiniteError`; ``skip`` drops the update (no optimizer
+            change) and counts it.
         max_skips: with ``skip``, stop anyway after this many skipped batches.
     """
 
@@ -61,23 +79,27 @@ class NanGuard(L.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.skipped = int(state_dict.get("skipped", 0))
 
-    def _bad_terms(self, trainer: L.Trainer) -> list[str]:
-        bad = []
-        for name, value in trainer.callback_metrics.items():
-            if name.startswith("train/") and torch.is_tensor(value):
-                if not bool(torch.isfinite(value).all()):
-                    bad.append(name)
-        return bad
+    @staticmethod
+    def _bad_terms(trainer: L.Trainer, pl_module: L.LightningModule) -> list[str]:
+        terms = getattr(pl_module, "loss_terms", None)
+        if not isinstance(terms, dict) or not terms:
+            terms = {k: v for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
+        return [str(name) for name, value in terms.items() if _non_finite(value)]
+
+    @staticmethod
+    def _scaler_active(trainer: L.Trainer) -> bool:
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        return scaler is not None and bool(getattr(scaler, "is_enabled", lambda: True)())
 
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any
     ) -> None:
-        bad_grads = [
-            name
-            for name, p in pl_module.named_parameters()
-            if p.grad is not None and not bool(torch.isfinite(p.grad).all())
-        ]
-        bad_terms = self._bad_terms(trainer)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        bad_grads = []
+        if not self._scaler_active(trainer):
+            names = {id(p): name for name, p in pl_module.named_parameters()}
+            bad_grads = [names.get(id(p), "?") for p in params if _non_finite(p.grad)]
+        bad_terms = self._bad_terms(trainer, pl_module)
         if not bad_grads and not bad_terms:
             return
         what = []
@@ -87,17 +109,85 @@ class NanGuard(L.Callback):
             what.append(f"gradient of {bad_grads[0]}" + (
                 f" (+{len(bad_grads) - 1} more)" if len(bad_grads) > 1 else ""
             ))
-        message = f"non-finite {' and '.join(what)} at step {trainer.global_step}"
+        batch = int(trainer.fit_loop.total_batch_idx)
+        message = (f"non-finite {' and '.join(what)} at step {trainer.global_step} "
+                   f"(batch {batch})")
         if self.action == "stop" or self.skipped >= self.max_skips:
+            reason = "" if self.action == "stop" else f" after {self.skipped} skipped batches"
             raise NonFiniteError(
-                message + "; training stopped, the last good checkpoint is kept "
+                f"{message}; training stopped{reason}, the last good checkpoint is kept "
                 "(set nan_guard.action=skip to skip such batches instead)"
             )
         self.skipped += 1
-        print(f"[ldm-smd] {message}: batch skipped ({self.skipped} so far)")
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                p.grad = None
+        print(f"[ldm-smd] {message}: batch skipped, no update ({self.skipped} skipped so far)")
+        pl_module.log("train/nan_skipped", float(self.skipped), on_step=True, on_epoch=False)
+        for p in params:
+            p.grad = None  # torch optimizers leave parameters without a gradient untouched
+
+
+class RngStates(L.Callback):
+    """Saves and restores the global RNG states (torch, CUDA, numpy, ``random``) with the
+    checkpoint, so draws from them continue on resume as in an uninterrupted run.
+
+    Stage 2 draws its training noise from generators seeded by the step, and the data order is
+    seeded by the epoch; this covers everything else (dropout, posterior sampling in stage 1).
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        numpy_state = np.random.get_state()
+        state: dict[str, Any] = {
+            "torch": torch.get_rng_state(),
+            "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)),
+                      *[int(v) if i < 2 else float(v) for i, v in enumerate(numpy_state[2:])]],
+            "python": _plain_random_state(),
+        }
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        torch.set_rng_state(state_dict["torch"])
+        kind, keys, pos, has_gauss, cached = state_dict["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+        version, internal, gauss = state_dict["python"]
+        random.setstate((version, tuple(internal), gauss))
+        if "cuda" in state_dict and torch.cuda.is_available():
+            cuda_states = state_dict["cuda"]
+            if len(cuda_states) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(cuda_states)
+
+
+def _plain_random_state() -> list[Any]:
+    """``random.getstate()`` as plain lists (loadable with weights-only unpickling)."""
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+class FinalCheckpoint(L.Callback):
+    """Write ``path`` after the last training batch (``max_steps`` or the last epoch reached).
+
+    Written from ``on_train_batch_end`` like the periodic checkpoints, so resuming it with a
+    larger ``max_steps`` continues the data order exactly (a checkpoint written after ``fit``
+    returns would mark the epoch as finished and restart the data at a new epoch).
+
+    Args:
+        path: the checkpoint file (the run's ``last.ckpt``).
+    """
+
+    def __init__(self, *, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        loop = trainer.fit_loop
+        last_step = 0 < trainer.max_steps <= trainer.global_step
+        last_epoch = (
+            loop.max_epochs is not None and loop.max_epochs > 0
+            and loop.epoch_loop.batch_progress.is_last_batch
+            and trainer.current_epoch + 1 >= loop.max_epochs
+        )
+        if last_step or last_epoch:
+            trainer.save_checkpoint(str(self.path))
 
 
 class SampleGrid(L.Callback):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -38,11 +39,24 @@ def atomic_write(path: str | Path, write: Callable[[Any], None]) -> Path:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
+            _test_pause(path)
         os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
     return path
+
+
+WRITE_PAUSE_ENV = "LDM_SMD_TEST_WRITE_PAUSE"
+
+
+def _test_pause(path: Path) -> None:
+    """Test hook: when ``$LDM_SMD_TEST_WRITE_PAUSE`` is set, sleep that many seconds while the
+    replacement of an existing file is fully written under its temporary name but not yet
+    renamed (crash-safety tests kill the process in this window)."""
+    pause = os.environ.get(WRITE_PAUSE_ENV)
+    if pause and path.exists():
+        time.sleep(float(pause))
 
 
 def save_checkpoint(obj: Any, path: str | Path) -> Path:

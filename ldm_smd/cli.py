@@ -114,13 +114,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from ldm_smd.callbacks import NonFiniteError
     from ldm_smd.checkpoints import CheckpointError
     from ldm_smd.config import ConfigError
+    from ldm_smd.data.decode import CorruptImageError
 
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, CheckpointError, FileNotFoundError) as exc:
+    except (ConfigError, CheckpointError, FileNotFoundError, NonFiniteError,
+            CorruptImageError) as exc:
         print(f"ldm-smd {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -46,6 +47,9 @@ LOGGING_KEYS = {"tensorboard": bool, "csv": bool, "sample_every_n_steps": int, "
 NAN_GUARD_KEYS = {"action": str, "max_skips": int}
 
 
+_EXPONENT_FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
+
+
 class ConfigError(ValueError):
     """A config names an unknown key, a wrong type or an unimportable target."""
 
@@ -64,6 +68,8 @@ def _parse_override(item: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {item!r}: value {raw!r} is not valid YAML ({exc})") from exc
+    if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
+        value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string; people mean a number
     return key, value
 
 

@@ -5,10 +5,13 @@ The train and validation datasets are given as ``{target, params}`` blocks (buil
 dataset's constructor) or as dataset objects when used from Python.
 
 Reproducibility: the training order of epoch ``e`` is a permutation drawn from a generator seeded
-with ``(seed, e)`` (Lightning calls ``set_epoch`` on the sampler), so it is the same in every run
-and after resuming at an epoch boundary. DataLoader workers are seeded from ``(seed, e,
-worker_id)`` (torch, numpy and ``random``), so per-item augmentation inside datasets is
-reproducible too when workers are re-created each epoch (``persistent_workers: false``).
+with ``(seed, e)`` (Lightning calls ``set_epoch`` on the sampler), so it is the same in every run.
+The DataModule's ``state_dict`` (saved in Lightning checkpoints) records the epoch and the number
+of batches done in it, so a run resumed mid-epoch continues with exactly the next batch. Under
+multi-process training the sampler shards the order by rank itself. DataLoader workers are
+seeded from ``(seed, e, worker_id)`` (torch, numpy and ``random``), so per-item augmentation
+inside datasets is reproducible too when workers are re-created each epoch
+(``persistent_workers: false``).
 Batch-level augmentation (:class:`~ldm_smd.data.transforms.BatchAugment`) runs after the batch
 reached the device, in ``on_after_batch_transfer``, during training only; its generator's state
 is part of the DataModule's ``state_dict`` and so of Lightning checkpoints.
@@ -53,30 +56,72 @@ def build_dataset(spec: Mapping[str, Any] | Dataset, *, key: str) -> Dataset:
 class SeededEpochSampler(Sampler[int]):
     """Indices ``0..n-1``, shuffled by a permutation that depends only on ``(seed, epoch)``.
 
+    With ``num_replicas > 1`` (multi-process training) rank ``r`` takes every ``num_replicas``-th
+    index of the permutation starting at ``r``; the tail that does not divide evenly is dropped
+    so every rank sees the same number of items. :meth:`resume` makes the next iteration start
+    part-way into an epoch (exact mid-epoch resume).
+
     Args:
         length: number of items.
         seed: seed of the order.
         shuffle: draw a permutation (else sequential order).
+        rank: this process's rank among ``num_replicas``.
+        num_replicas: number of processes sharing the data.
     """
 
-    def __init__(self, *, length: int, seed: int = 0, shuffle: bool = True) -> None:
+    def __init__(
+        self, *, length: int, seed: int = 0, shuffle: bool = True, rank: int = 0,
+        num_replicas: int = 1,
+    ) -> None:
         self.length = int(length)
         self.seed = int(seed)
         self.shuffle = shuffle
         self.epoch = 0
+        self._resume_at: tuple[int, int] | None = None
+        self.set_replicas(rank=rank, num_replicas=num_replicas)
+
+    def set_replicas(self, *, rank: int, num_replicas: int) -> None:
+        """Shard the order for process ``rank`` of ``num_replicas``."""
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise ValueError(f"SeededEpochSampler: bad rank {rank} of {num_replicas}")
+        if self.length < num_replicas:
+            raise ValueError(
+                f"SeededEpochSampler: {self.length} items cannot be shared by {num_replicas} "
+                "processes"
+            )
+        self.rank = int(rank)
+        self.num_replicas = int(num_replicas)
 
     def set_epoch(self, epoch: int) -> None:
         """Select epoch ``epoch``'s permutation (Lightning calls this before each epoch)."""
         self.epoch = int(epoch)
 
+    def resume(self, *, epoch: int, skip: int) -> None:
+        """Make the next pass over epoch ``epoch`` start after its first ``skip`` items."""
+        self.epoch = int(epoch)
+        self._resume_at = (int(epoch), int(skip))
+
+    def order(self) -> list[int]:
+        """This rank's full index order for the current epoch."""
+        if self.shuffle:
+            g = torch.Generator().manual_seed(_epoch_seed(self.seed, self.epoch))
+            indices = torch.randperm(self.length, generator=g).tolist()
+        else:
+            indices = list(range(self.length))
+        return indices[self.rank : len(self) * self.num_replicas : self.num_replicas]
+
     def __iter__(self) -> Iterator[int]:
-        if not self.shuffle:
-            return iter(range(self.length))
-        g = torch.Generator().manual_seed(_epoch_seed(self.seed, self.epoch))
-        return iter(torch.randperm(self.length, generator=g).tolist())
+        # a generator: the order is fixed at the first draw, after Lightning's set_epoch
+        start = 0
+        if self._resume_at is not None:
+            epoch, skip = self._resume_at
+            self._resume_at = None
+            if epoch == self.epoch:
+                start = skip
+        yield from self.order()[start:]
 
     def __len__(self) -> int:
-        return self.length
+        return self.length // self.num_replicas
 
 
 class _WorkerSeeder:
@@ -162,6 +207,10 @@ class ImageDataModule(L.LightningDataModule):
         self.train_dataset: Dataset | None = None
         self.val_dataset: Dataset | None = None
         self.train_sampler: SeededEpochSampler | None = None
+        self._resume_state: dict[str, Any] | None = None
+
+    #: the training sampler shards the data by rank itself (see ``train_dataloader``)
+    shards_by_rank = True
 
     # ------------------------------------------------------------------ datasets
 
@@ -190,10 +239,13 @@ class ImageDataModule(L.LightningDataModule):
                 kwargs["prefetch_factor"] = self.prefetch_factor
             if seeder is not None:
                 kwargs["worker_init_fn"] = seeder
+        # the loader's own generator draws its worker base seed, so creating an iterator (as a
+        # resumed run does mid-epoch) never consumes the global RNG
         return DataLoader(
             dataset,
             batch_size=batch_size,
             sampler=sampler,
+            generator=torch.Generator().manual_seed(_epoch_seed(self.seed, 0, salt=7)),
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             drop_last=drop_last,
@@ -203,6 +255,14 @@ class ImageDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
         assert self.train_dataset is not None and self.train_sampler is not None
+        trainer = self.trainer
+        if trainer is not None:
+            # each process takes its own shard (the trainer is built with
+            # use_distributed_sampler=False for this DataModule, see ``shards_by_rank``)
+            self.train_sampler.set_replicas(
+                rank=int(trainer.global_rank), num_replicas=int(trainer.world_size)
+            )
+        self._apply_resume()
         return self._loader(
             self.train_dataset,
             batch_size=self.batch_size,
@@ -251,12 +311,46 @@ class ImageDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ checkpoint state
 
+    def _batches_per_epoch(self) -> int:
+        assert self.train_sampler is not None
+        n = len(self.train_sampler)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"seed": self.seed}
+        """Seed, augmentation RNG and the data position: ``(epoch, batches done in it)``."""
+        state: dict[str, Any] = {"seed": self.seed, "batch_size": self.batch_size}
         if self.augment is not None:
             state["augment_rng"] = self.augment.rng_state()
+        trainer = self.trainer
+        if trainer is not None and self.train_sampler is not None:
+            progress = trainer.fit_loop.epoch_loop.batch_progress.current
+            state["epoch"] = self.train_sampler.epoch
+            state["batches_done"] = int(progress.processed)
+            state["num_replicas"] = self.train_sampler.num_replicas
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if self.augment is not None and "augment_rng" in state_dict:
             self.augment.set_rng_state(state_dict["augment_rng"])
+        if "epoch" in state_dict:
+            self._resume_state = dict(state_dict)
+
+    def _apply_resume(self) -> None:
+        """Start the next pass where the checkpointed run stopped (once, after a resume)."""
+        state, self._resume_state = self._resume_state, None
+        if state is None or self.train_sampler is None:
+            return
+        same = (state.get("seed"), state.get("batch_size"), state.get("num_replicas")) == (
+            self.seed, self.batch_size, self.train_sampler.num_replicas
+        )
+        if not same:
+            print(
+                "[ldm-smd] warning: the checkpoint's data order was made with seed/batch_size/"
+                f"processes {state.get('seed')}/{state.get('batch_size')}/"
+                f"{state.get('num_replicas')}, now {self.seed}/{self.batch_size}/"
+                f"{self.train_sampler.num_replicas}: the resumed data order is not exact"
+            )
+        epoch, done = int(state["epoch"]), int(state["batches_done"])
+        if done >= self._batches_per_epoch():
+            epoch, done = epoch + 1, 0
+        self.train_sampler.resume(epoch=epoch, skip=done * self.batch_size if same else 0)

@@ -113,11 +113,13 @@ class AutoencoderKL(L.LightningModule):
         )
         opt_g.zero_grad(set_to_none=True)
         self.manual_backward(g_loss)
+        self.loss_terms = {"g_loss": g_loss, **logs}  # named by the NaN guard if non-finite
         opt_g.step()
         if opt_d is not None and self.loss.gan_active(step):
             d_loss, d_logs = self.loss.discriminator_loss(x, reconstructions, step=step)
             opt_d.zero_grad(set_to_none=True)
             self.manual_backward(d_loss)
+            self.loss_terms = {"d_loss": d_loss, **d_logs}
             opt_d.step()
             logs.update(d_logs)
         every = self.hparams["log_images_every_n_steps"]

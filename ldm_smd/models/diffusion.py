@@ -18,6 +18,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from ldm_smd.checkpoints import CheckpointError
 from ldm_smd.config import instantiate
 from ldm_smd.diffusion.objectives import build_objective
 from ldm_smd.diffusion.samplers import sample as run_sampler
@@ -33,6 +34,30 @@ class _DiffusionWrapper(nn.Module):
     def __init__(self, network: nn.Module) -> None:
         super().__init__()
         self.diffusion_model = network
+
+
+def check_ema_state(state_dict: dict[str, Any], ema_decay: float | None) -> None:
+    """Raise :class:`CheckpointError` when a checkpoint's EMA (present or not, its decay)
+    differs from the config's ``model.params.ema_decay``."""
+    saved = state_dict.get("model_ema.decay")
+    has_ema = saved is not None or any(k.startswith("model_ema.") for k in state_dict)
+    if has_ema and not ema_decay:
+        raise CheckpointError(
+            "the checkpoint has an EMA of the network weights (model_ema.*) but the config sets "
+            "model.params.ema_decay=null: set model.params.ema_decay to the checkpoint's decay"
+            + (f" ({float(saved):g})" if saved is not None else "")
+        )
+    if ema_decay and not has_ema:
+        raise CheckpointError(
+            f"the config sets model.params.ema_decay={ema_decay:g} but the checkpoint has no EMA "
+            "(no model_ema.* weights): set model.params.ema_decay=null to continue it"
+        )
+    if has_ema and saved is not None and abs(float(saved) - float(ema_decay)) > 1e-12:
+        raise CheckpointError(
+            f"the checkpoint's EMA decay is {float(saved):g} but the config sets "
+            f"model.params.ema_decay={ema_decay:g}: resuming would change the average's meaning; "
+            "use the checkpoint's value"
+        )
 
 
 class LatentDiffusion(L.LightningModule):
@@ -123,6 +148,7 @@ class LatentDiffusion(L.LightningModule):
         self.sampler_defaults = {"name": "ddpm", "steps": None, "spacing": "uniform"}
         self.sampler_defaults.update(sampler or {})
         self.latent_shape = (channels, image_size, image_size)
+        self.loss_terms: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ training
 
@@ -142,6 +168,8 @@ class LatentDiffusion(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, logs = self.forward_loss(batch["image"], self._generator(0))
+        # read by the NaN guard before the optimizer step, to name a non-finite term
+        self.loss_terms = {"loss": loss, **logs}
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, prog_bar=True, on_step=True)
         return loss
 
@@ -150,9 +178,16 @@ class LatentDiffusion(L.LightningModule):
         loss, logs = self.forward_loss(batch["image"], generator)
         self.log_dict({f"val/{k}": v for k, v in logs.items()}, sync_dist=True)
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        # the EMA follows every optimizer step, before any checkpoint of that step is written
+        # (ModelCheckpoint saves in the callbacks' on_train_batch_end, before the module's)
+        super().optimizer_step(*args, **kwargs)
         if self.model_ema is not None:
             self.model_ema.update(self.model.diffusion_model)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint whose EMA disagrees with this model's config (before loading)."""
+        check_ema_state(checkpoint.get("state_dict") or {}, self.hparams["ema_decay"])
 
     def configure_optimizers(self) -> Any:
         params = [p for p in self.model.parameters() if p.requires_grad]
