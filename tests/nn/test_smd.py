@@ -1,0 +1,246 @@
+"""SMD: O(d) hypernetwork against explicit d x d matrices, bounds, and the SMDNetwork call."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ldm_smd.nn.smd import Hypernetwork, LatentGenerator, SMDNetwork
+from ldm_smd.nn.unet import UNetModel
+from ldm_smd.rng import row_generators
+
+
+def _randomise(hn: Hypernetwork, seed: int = 0) -> Hypernetwork:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in hn.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return hn
+
+
+def _explicit(hn: Hypernetwork, h: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Test-only reference: build every M_l = v v^T + softplus(s) I (d x d) per position."""
+    spatial = h.dim() == 4
+    hp = h.permute(0, 2, 3, 1).reshape(-1, h.shape[1]) if spatial else h
+    zp = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]) if spatial else z
+    hp, zp = hp.double(), zp.double()
+    d = hn.latent_dim
+    r = hp @ hn.A.double().T
+    eye = torch.eye(d, dtype=torch.float64)
+    for layer in range(hn.num_layers):
+        rows = slice(layer * d, (layer + 1) * d)
+        v = zp @ hn.W[rows].double().T + hn.b[rows].double()
+        if hn.bound == "tanh":
+            v = torch.tanh(v) / math.sqrt(d)
+        m = v[:, :, None] * v[:, None, :] + F.softplus(hn.s[layer].double()) * eye
+        r = (m @ r[:, :, None])[:, :, 0]
+    out = hp + r @ hn.B.double().T
+    if spatial:
+        out = out.reshape(h.shape[0], h.shape[2], h.shape[3], h.shape[1]).permute(0, 3, 1, 2)
+    return out
+
+
+@pytest.mark.parametrize("bound", ["tanh", "none"])
+@pytest.mark.parametrize("spatial", [True, False])
+def test_od_hypernetwork_equals_explicit_matrices(bound, spatial):
+    hn = _randomise(Hypernetwork(channels=6, latent_dim=10, num_layers=3, bound=bound))
+    assert hn.B.abs().sum() > 0
+    g = torch.Generator().manual_seed(1)
+    shape_h, shape_z = ((2, 6, 3, 4), (2, 10, 3, 4)) if spatial else ((5, 6), (5, 10))
+    h, z = torch.randn(shape_h, generator=g), torch.randn(shape_z, generator=g)
+    out = hn(h, z)
+    ref = _explicit(hn, h, z)
+    rel = (out.double() - ref).norm() / ref.norm()
+    assert rel <= 1e-5, rel
+    assert not torch.allclose(out, h)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e3, 1e6])
+def test_bounded_eigenvalues(scale):
+    d = 12
+    hn = _randomise(Hypernetwork(channels=4, latent_dim=d, num_layers=2, bound="tanh"), seed=3)
+    z = torch.randn(64, d, generator=torch.Generator().manual_seed(4)) * scale
+    v_all = hn.vectors(z).double()
+    for layer in range(2):
+        v = v_all[:, layer * d:(layer + 1) * d]
+        sp = F.softplus(hn.s[layer].double())
+        m = v[:, :, None] * v[:, None, :] + sp * torch.eye(d, dtype=torch.float64)
+        eig = torch.linalg.eigvalsh(m)
+        assert (eig > 0).all()
+        assert (eig <= 1 + sp + 1e-9).all()
+
+
+def test_unbounded_reference_form_is_not_bounded():
+    d = 12
+    hn = _randomise(Hypernetwork(channels=4, latent_dim=d, num_layers=1, bound="none"), seed=3)
+    v = hn.vectors(torch.randn(8, d) * 1e3).double()
+    top = (v * v).sum(1) + F.softplus(hn.s[0].double())  # largest eigenvalue of v v^T + sI
+    assert (top > 1 + F.softplus(hn.s[0].double())).any()
+
+
+def _backbone(**kw):
+    cfg = dict(in_channels=2, out_channels=2, model_channels=16, channel_mult=[1, 2],
+               num_res_blocks=1, attention_resolutions=[2], num_heads=2)
+    cfg.update(kw)
+    return UNetModel(**cfg)
+
+
+def _smd(seed=0, nonzero_b=True, **kw):
+    torch.manual_seed(seed)
+    net = SMDNetwork(backbone=_backbone(), latent_dim=8, **kw)
+    torch.nn.init.normal_(net.backbone.out[2].weight, std=0.1)
+    if nonzero_b:
+        for hn in net.hypernets.values():
+            torch.nn.init.normal_(hn.B, std=0.5)
+    return net
+
+
+X = torch.randn(3, 2, 8, 8, generator=torch.Generator().manual_seed(7))
+T = torch.tensor([0, 10, 999])
+
+
+def test_output_shape_and_seeded_determinism():
+    net = _smd()
+    a = net(X, T, torch.Generator().manual_seed(5))
+    b = net(X, T, torch.Generator().manual_seed(5))
+    assert a.shape == X.shape
+    assert torch.equal(a, b)
+
+
+def test_different_eta_gives_different_output():
+    net = _smd()
+    a = net(X, T, torch.Generator().manual_seed(5))
+    b = net(X, T, torch.Generator().manual_seed(6))
+    assert not torch.allclose(a, b)
+    eta = torch.randn_like(X)
+    torch.testing.assert_close(net(X, T, eta=eta), net(X, T, torch.Generator(), eta=eta))
+
+
+def test_fresh_network_equals_backbone_exactly():
+    net = _smd(nonzero_b=False)
+    for hn in net.hypernets.values():
+        assert torch.count_nonzero(hn.B) == 0
+    out = net(X, T, torch.Generator().manual_seed(1))
+    assert torch.equal(out, net.backbone(X, T))
+
+
+def test_per_row_generators_make_rows_batch_independent():
+    net = _smd()
+    full = net(X, T, row_generators(11, 0, 3))
+    last = net(X[2:], T[2:], row_generators(11, 2, 1))
+    torch.testing.assert_close(full[2:], last, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="per-row"):
+        net(X, T, row_generators(11, 0, 2))
+
+
+@pytest.mark.parametrize("placement", ["input_output", "every_level"])
+@pytest.mark.parametrize("bound", ["tanh", "none"])
+def test_every_placement_runs_and_gradients_reach_everything(placement, bound):
+    net = _smd(placement=placement, hypernet_bound=bound, hypernet_layers=2)
+    expected = {"input", "output"} if placement == "input_output" else set(
+        net.backbone.modulation_sites)
+    assert set(net.hypernets) == expected
+    out = net(X, T, torch.Generator().manual_seed(0))
+    assert out.shape == X.shape and torch.isfinite(out).all()
+    out.square().mean().backward()
+    for name, p in net.named_parameters():
+        assert p.grad is not None, name
+    for name in ("generator.conv_in.weight", "generator.conv_out.weight",
+                 "generator.enc0.out_layers.3.weight", "hypernets.input.A", "hypernets.input.W",
+                 "hypernets.input.b", "hypernets.input.s", "hypernets.output.B",
+                 "backbone.input_blocks.0.0.weight", "backbone.out.2.weight"):
+        grad = dict(net.named_parameters())[name].grad
+        assert grad is not None and grad.abs().sum() > 0, name
+
+
+def test_every_level_pools_latent_to_site_resolution():
+    net = _smd(placement="every_level")
+    seen = {}
+    for site, hn in net.hypernets.items():
+        original = hn.modulate
+
+        def record(h, u, site=site, original=original):
+            seen[site] = (h.shape[-1], u.shape[-1])
+            return original(h, u)
+
+        hn.modulate = record
+    net(X, T, torch.Generator().manual_seed(0))
+    assert seen == {"input": (64, 64), "level_0": (64, 64), "level_1": (16, 16),
+                    "output": (64, 64)}
+
+
+def test_fused_vectors_match_per_site_hypernetworks():
+    """SMDNetwork computes all sites' vectors at once; the result equals each site's forward."""
+    net = _smd(placement="every_level")
+    eta = torch.randn_like(X)
+    z = net.latent(X, T, eta=eta)
+
+    def per_site(h, site):
+        stride = net.site_strides[site]
+        zs = F.avg_pool2d(z, stride) if stride > 1 else z
+        return net.hypernets[site](h, zs)
+
+    ref = net.backbone(X, T, modulation=per_site)
+    torch.testing.assert_close(net(X, T, eta=eta), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_large_inputs_stay_finite():
+    fresh = _smd(nonzero_b=False)
+    big = X * 1e3
+    assert torch.isfinite(fresh(big, T, torch.Generator().manual_seed(0))).all()
+    bounded = _smd(hypernet_bound="tanh")
+    assert torch.isfinite(bounded(big, T, torch.Generator().manual_seed(0))).all()
+
+
+def test_default_generator_width_and_shapes():
+    net = SMDNetwork(backbone=_backbone(model_channels=32))
+    assert net.generator.width == 8
+    z = net.latent(X, T, torch.Generator().manual_seed(0))
+    assert z.shape == (3, 100, 8, 8)
+    gen = LatentGenerator(in_channels=2, latent_dim=5, width=4, spatial=False)
+    assert gen(torch.randn(3, 2), torch.randn(3, 2), T).shape == (3, 5)
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        ({"placement": "everywhere"}, "everywhere"),
+        ({"hypernet_bound": "sigmoid"}, "sigmoid"),
+        ({"latent_dim": 0}, "latent_dim"),
+        ({"hypernet_layers": 0}, "hypernet_layers"),
+        ({"generator_width": 0}, "generator_width"),
+    ],
+)
+def test_bad_arguments_are_clear_errors(kw, match):
+    with pytest.raises(ValueError, match=match):
+        SMDNetwork(backbone=_backbone(), **kw)
+
+
+def test_backbone_without_sites_rejected():
+    with pytest.raises(ValueError, match="modulation_sites"):
+        SMDNetwork(backbone=torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("bound", ["tanh", "none"])
+def test_no_grad_fast_path_matches_autograd_path(bound):
+    net = _smd(placement="every_level", hypernet_bound=bound)
+    eta = torch.randn_like(X)
+    with_grad = net(X, T, eta=eta)
+    with torch.no_grad():
+        without = net(X, T, eta=eta)
+    torch.testing.assert_close(without, with_grad.detach(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("spatial", [True, False])
+def test_hand_written_backward_passes_gradcheck(spatial):
+    from ldm_smd.nn.smd import _RankOneChain
+
+    g = torch.Generator().manual_seed(0)
+    shape_r, shape_u = ((2, 4, 3), (2, 8, 3)) if spatial else ((3, 4), (3, 8))
+    r = torch.randn(shape_r, generator=g, dtype=torch.float64, requires_grad=True)
+    u_all = torch.randn(shape_u, generator=g, dtype=torch.float64, requires_grad=True)
+    scales = torch.rand(2, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda r, u, s: _RankOneChain.apply(r, u, s, 0.25), (r, u_all, scales)
+    )
