@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -46,20 +45,24 @@ def _cmd_scale_factor(args: argparse.Namespace) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
-    from ldm_smd.eval.evaluate import evaluate
+    from ldm_smd.eval.evaluate import evaluate, format_result
 
     metrics = evaluate(
         args.samples, args.ref, out_json=args.out, batch_size=args.batch_size,
         device=args.device, weights_path=args.inception_weights, min_samples=args.min_samples,
     )
-    print(json.dumps(metrics, indent=2))
+    print(format_result(metrics))
 
 
 def _cmd_bench_mixture(args: argparse.Namespace) -> None:
     from ldm_smd.eval.mixture_bench import run_mixture_benchmark
 
     out = args.out or Path("runs") / "mixture" / Path(args.config).stem
-    run_mixture_benchmark(args.config, out_dir=out, quick=args.quick)
+    result = run_mixture_benchmark(
+        args.config, out_dir=out, quick=args.quick, seeds=args.seeds, T_list=args.T,
+        workers=args.workers,
+    )
+    print(result.get("table", ""))
     print(f"[ldm-smd] mixture benchmark written to {out}")
 
 
@@ -109,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True)
     p.add_argument("--out", default=None)
     p.add_argument("--quick", action="store_true", help="tiny smoke-test budget")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="override the seeds")
+    p.add_argument("--T", type=int, nargs="+", default=None, help="override the list of T")
+    p.add_argument("--workers", type=int, default=None, help="parallel training processes")
     p.set_defaults(func=_cmd_bench_mixture)
     return parser
 

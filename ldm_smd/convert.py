@@ -224,6 +224,11 @@ def export_diffusers(
             f"diffusers' AutoencoderKL has attention only in the middle block; this autoencoder "
             f"also has it at resolutions {cfg['attn_resolutions']} (ddconfig.attn_resolutions)"
         )
+    if any((cfg["ch"] * m) % 32 for m in cfg["ch_mult"]):
+        raise ValueError(
+            f"diffusers' AutoencoderKL uses 32 GroupNorm groups: every width ch * ch_mult must be "
+            f"a multiple of 32, got ch={cfg['ch']}, ch_mult={cfg['ch_mult']}"
+        )
     if cfg["z_channels"] != autoencoder.embed_dim:
         raise ValueError(
             f"diffusers' AutoencoderKL needs z_channels == embed_dim; got "

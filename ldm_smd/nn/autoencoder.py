@@ -50,17 +50,16 @@ def check_ddconfig(ddconfig: Mapping) -> dict:
         out[key] = int(out[key])
     out["double_z"] = bool(out["double_z"])
     out["dropout"] = float(out["dropout"])
-    for m in out["ch_mult"]:
-        if (out["ch"] * m) % 32:
-            raise ValueError(
-                f"ddconfig: ch * ch_mult = {out['ch'] * m} must be a multiple of 32 "
-                "(GroupNorm groups)"
-            )
+    if out["ch"] < 1 or any(m < 1 for m in out["ch_mult"]):
+        raise ValueError(f"ddconfig: ch and ch_mult must be positive, got {out['ch']}, "
+                         f"{out['ch_mult']}")
     return out
 
 
 def _norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+    # 32 groups as CompVis (every width that is a multiple of 32); narrower CPU-sized models
+    # (e.g. the demo's ch=16) use gcd(32, channels) groups
+    return nn.GroupNorm(num_groups=math.gcd(32, channels), num_channels=channels, eps=1e-6)
 
 
 class ResnetBlock(nn.Module):

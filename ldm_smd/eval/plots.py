@@ -1,0 +1,168 @@
+"""Matplotlib (Agg) figures for the benchmarks: sample scatters, metric-against-steps curves."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from ldm_smd.data.mixtures import GaussianMixture  # noqa: E402
+
+METRIC_LABELS = {
+    "precision": "precision (98.9% radius)",
+    "recall": "mode recall",
+    "kl": "KL(sampled modes || weights)",
+    "spread": "spread (1 = right)",
+    "logp_mean": "mean log-density",
+    "sw": "sliced Wasserstein (dashed: floor)",
+    "sw_removed": "share of vanilla's excess SW removed",
+    "nonfinite": "non-finite share",
+}
+
+
+def _projection(mixture: GaussianMixture) -> np.ndarray:
+    """``(D, 2)``: identity on 2-D data, else the top two principal axes of the means."""
+    means = mixture.means.numpy()
+    if mixture.dim == 2:
+        return np.eye(2)
+    centred = means - means.mean(0)
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    proj = vt[:2].T
+    return proj if proj.shape[1] == 2 else np.eye(mixture.dim)[:, :2]
+
+
+def _mosaic(x: np.ndarray, shape: Sequence[int], n: int = 16) -> np.ndarray:
+    c, h, w = shape
+    side = int(math.sqrt(n))
+    imgs = np.clip((x[: side * side].reshape(-1, c, h, w) + 1) / 2, 0, 1)
+    if imgs.shape[0] < side * side:
+        imgs = np.concatenate([imgs, np.zeros((side * side - imgs.shape[0], c, h, w))])
+    grid = imgs.reshape(side, side, c, h, w).transpose(0, 3, 1, 4, 2).reshape(side * h,
+                                                                              side * w, c)
+    return grid[..., 0] if c == 1 else grid
+
+
+def sample_scatter(
+    samples: Mapping[tuple[str, int], np.ndarray],
+    mixture: GaussianMixture,
+    methods: Sequence[str],
+    T_list: Sequence[int],
+    path: str | os.PathLike,
+    *,
+    max_points: int = 2000,
+) -> str:
+    """Grid of panels, rows = methods, columns = T: samples (first 2 coordinates, or the means'
+    principal plane for D > 2, or a picture mosaic for image mixtures) over the true means."""
+    rows, cols = len(methods), len(T_list)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.4 * rows), squeeze=False)
+    proj = None if mixture.image_shape is not None else _projection(mixture)
+    if proj is not None:
+        means2 = mixture.means.numpy() @ proj
+        spread = np.abs(means2).max() + 4 * float(mixture.stds.max())
+    for i, method in enumerate(methods):
+        for j, T in enumerate(T_list):
+            ax = axes[i][j]
+            x = samples.get((method, T))
+            if x is not None:
+                x = np.asarray(x, dtype=np.float64)
+                if proj is None:
+                    ax.imshow(_mosaic(x, mixture.image_shape), cmap="gray", vmin=0, vmax=1)
+                else:
+                    pts = x[:max_points] @ proj
+                    pts = pts[np.isfinite(pts).all(1)]
+                    ax.scatter(pts[:, 0], pts[:, 1], s=1, alpha=0.35, color="C0", linewidths=0)
+                    ax.scatter(means2[:, 0], means2[:, 1], s=12, marker="x", color="C3")
+                    ax.set_xlim(-spread, spread)
+                    ax.set_ylim(-spread, spread)
+                    ax.set_aspect("equal")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(f"T = {T}", fontsize=9)
+            if j == 0:
+                ax.set_ylabel(method, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
+def metrics_vs_steps(
+    summary: Mapping[str, Mapping[str, Mapping[str, Sequence[float]]]],
+    methods: Sequence[str],
+    steps: Sequence[int],
+    path: str | os.PathLike,
+    *,
+    metrics: Sequence[str] = ("precision", "recall", "kl", "spread", "logp_mean", "sw",
+                              "sw_removed", "nonfinite"),
+) -> str:
+    """One panel per metric: mean ± std over seeds against the number of steps, per method.
+
+    ``summary[method][str(T)][metric] = [mean, std]`` (as written by the mixture benchmark).
+    """
+    metrics = [m for m in metrics if any(
+        m in summary.get(meth, {}).get(str(T), {}) for meth in methods for T in steps)]
+    cols = min(4, max(1, len(metrics)))
+    rows = math.ceil(len(metrics) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.9 * rows), squeeze=False)
+    for k, metric in enumerate(metrics):
+        ax = axes[k // cols][k % cols]
+        for n, method in enumerate(methods):
+            ts = [T for T in steps if metric in summary.get(method, {}).get(str(T), {})]
+            if not ts:
+                continue
+            mean = np.array([summary[method][str(T)][metric][0] for T in ts])
+            std = np.array([summary[method][str(T)][metric][1] for T in ts])
+            ls = "--" if method in ("exact_posterior", "best_gaussian") else "-"
+            ax.errorbar(ts, mean, yerr=std, label=method, ls=ls, marker="o", ms=3, capsize=2,
+                        color=f"C{n}")
+            if metric == "sw":
+                floor = [summary[method][str(T)].get("sw_floor", [np.nan])[0] for T in ts]
+                ax.plot(ts, floor, ls=":", color="gray", lw=1)
+        ax.set_xscale("log")
+        ax.set_xticks(list(steps))
+        ax.set_xticklabels([str(s) for s in steps])
+        ax.set_xlabel("steps T")
+        ax.set_title(METRIC_LABELS.get(metric, metric), fontsize=9)
+        ax.grid(alpha=0.3)
+    for k in range(len(metrics), rows * cols):
+        axes[k // cols][k % cols].axis("off")
+    if metrics:
+        axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
+def metric_against_steps(
+    table: Mapping[str, Mapping[int, float]],
+    path: str | os.PathLike,
+    *,
+    ylabel: str,
+    title: str = "",
+) -> str:
+    """Simple curves ``table[label][steps] = value`` (the FID-vs-steps sweep plot)."""
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for label, values in table.items():
+        xs = sorted(values)
+        ax.plot(xs, [values[x] for x in xs], marker="o", label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("sampling steps")
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
