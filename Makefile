@@ -26,7 +26,7 @@ test: lint
 	OMP_NUM_THREADS=2 $(PY) -m pytest -p no:cacheprovider
 
 bench: setup
-	$(PY) scripts/benchmark.py --out bench/benchmark.json
+	$(PY) scripts/benchmark.py --reps 3 --warmup 1 --out bench/benchmark.json
 	$(PY) scripts/bench_samplers.py
 	$(PY) scripts/bench_data.py
 
