@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import tiny_configs
 import torch
 import yaml
 from PIL import Image
@@ -22,19 +23,9 @@ from ldm_smd.data.decode import CorruptImageError
 from ldm_smd.sample import load_diffusion_checkpoint
 from ldm_smd.train import train
 
-ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "configs" / "demo"
-QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-         "logging.tensorboard=false", "data.params.batch_size=2",
-         "data.params.train.params.size=8", "data.params.train.params.length=4",
-         "trainer.max_steps=1"]
-PIXEL = QUIET + [
-    "model.params.first_stage=identity", "model.params.image_size=8", "model.params.channels=3",
-    "model.params.network.params.in_channels=3", "model.params.network.params.out_channels=3",
-    "model.params.network.params.model_channels=32", "model.params.network.params.channel_mult=[1]",
-    "model.params.network.params.attention_resolutions=[]",
-    "model.params.schedule.num_timesteps=10",
-]
+DEMO = tiny_configs.DEMO
+QUIET = tiny_configs.QUIET + tiny_configs.tiny_data(batch=2, length=4) + ["trainer.max_steps=1"]
+PIXEL = QUIET + tiny_configs.tiny_pixel_unet(timesteps=10)
 
 
 class _WritesFile:
@@ -45,14 +36,6 @@ class _WritesFile:
 
     def __reduce__(self):
         return (open, (self.path, "w"))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -12,34 +12,19 @@ import time
 from pathlib import Path
 
 import pytest
+import tiny_configs
 import torch
 
 from ldm_smd.checkpoints import WRITE_PAUSE_ENV, load_checkpoint
 from ldm_smd.train import train
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / "configs" / "demo" / "ldm-vanilla.yaml"
+ROOT = tiny_configs.ROOT
+CONFIG = tiny_configs.DEMO / "ldm-vanilla.yaml"
 STEPS = 8
-TINY = [
-    "data.params.batch_size=4", "data.params.train.params.size=8",
-    "data.params.train.params.length=24",
-    "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-    "trainer.log_every_n_steps=1", "logging.tensorboard=false",
-    "model.params.first_stage=identity", "model.params.image_size=8", "model.params.channels=3",
-    "model.params.network.params.in_channels=3", "model.params.network.params.out_channels=3",
-    "model.params.network.params.model_channels=32", "model.params.network.params.channel_mult=[1]",
-    "model.params.network.params.attention_resolutions=[]",
-    "model.params.schedule.num_timesteps=20", "model.params.ema_decay=0.9",
+TINY = tiny_configs.tiny_data(batch=4, length=24) + tiny_configs.QUIET + [
+    *tiny_configs.tiny_pixel_unet(), "model.params.ema_decay=0.9",
     "checkpoint.every_n_train_steps=1", f"trainer.max_steps={STEPS}",
 ]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -8,26 +8,18 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
+import tiny_configs
 import torch
 
 from ldm_smd.checkpoints import load_checkpoint
 from ldm_smd.data.datamodule import SeededEpochSampler
 from ldm_smd.sample import load_diffusion_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / "configs" / "demo" / "ldm-vanilla.yaml"
-TINY = [
-    "data.params.batch_size=2", "data.params.train.params.size=8",
-    "data.params.train.params.length=16",
-    "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-    "trainer.log_every_n_steps=1", "logging.tensorboard=false",
-    "model.params.first_stage=identity", "model.params.image_size=8", "model.params.channels=3",
-    "model.params.network.params.in_channels=3", "model.params.network.params.out_channels=3",
-    "model.params.network.params.model_channels=32", "model.params.network.params.channel_mult=[1]",
-    "model.params.network.params.attention_resolutions=[]",
-    "model.params.schedule.num_timesteps=20", "model.params.learning_rate=0.001",
+ROOT = tiny_configs.ROOT
+CONFIG = tiny_configs.DEMO / "ldm-vanilla.yaml"
+TINY = tiny_configs.tiny_data(batch=2, length=16) + tiny_configs.QUIET + [
+    *tiny_configs.tiny_pixel_unet(), "model.params.learning_rate=0.001",
     "trainer.max_steps=3", "trainer.accumulate_grad_batches=2",
     "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp",
 ]

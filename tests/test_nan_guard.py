@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import tiny_configs
 import torch
 
 from ldm_smd.callbacks import NonFiniteError
@@ -47,27 +48,12 @@ COMMON = [
     "data.params.batch_size=4", "data.params.shuffle=false",
     f"data.params.train.target={__name__}.NanShapes",
     f"data.params.train.params={{nan_index: {4 * NAN_AT}, size: 8, length: 24}}",
-    "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-    "trainer.log_every_n_steps=1", "logging.tensorboard=false",
+    *tiny_configs.QUIET,
     "checkpoint.every_n_train_steps=1", "checkpoint.save_top_k=-1",
 ]
-PIXEL = COMMON + [
-    "model.params.first_stage=identity", "model.params.image_size=8", "model.params.channels=3",
-    "model.params.network.params.in_channels=3", "model.params.network.params.out_channels=3",
-    "model.params.network.params.model_channels=32", "model.params.network.params.channel_mult=[1]",
-    "model.params.network.params.attention_resolutions=[]",
-    "model.params.schedule.num_timesteps=20",
-]
+PIXEL = COMMON + tiny_configs.tiny_pixel_unet()
 AE = COMMON + ["model.params.ddconfig.ch=32", "model.params.ddconfig.resolution=8",
                "model.params.ddconfig.ch_mult=[1,1]"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _finite(state: dict) -> bool:

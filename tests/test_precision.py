@@ -9,25 +9,16 @@ import math
 from pathlib import Path
 
 import pytest
+import tiny_configs
 import torch
 
 from ldm_smd.checkpoints import load_checkpoint
 from ldm_smd.config import ConfigError
 from ldm_smd.train import train
 
-ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "configs" / "demo"
-QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-         "trainer.log_every_n_steps=1", "logging.tensorboard=false",
-         "data.params.batch_size=2", "data.params.train.params.size=8",
-         "data.params.train.params.length=8"]
-PIXEL = QUIET + [
-    "model.params.first_stage=identity", "model.params.image_size=8", "model.params.channels=3",
-    "model.params.network.params.in_channels=3", "model.params.network.params.out_channels=3",
-    "model.params.network.params.model_channels=32", "model.params.network.params.channel_mult=[1]",
-    "model.params.network.params.attention_resolutions=[]",
-    "model.params.schedule.num_timesteps=20",
-]
+DEMO = tiny_configs.DEMO
+QUIET = tiny_configs.QUIET + tiny_configs.tiny_data(batch=2, length=8)
+PIXEL = QUIET + tiny_configs.tiny_pixel_unet()
 GAN = "model.params.lossconfig.params"
 AE = QUIET + [
     "model.params.ddconfig.ch=32", "model.params.ddconfig.resolution=8",
@@ -35,14 +26,6 @@ AE = QUIET + [
     f"{GAN}.disc_weight=0.5", f"{GAN}.disc_start=0", f"{GAN}.disc_num_layers=1",
     f"{GAN}.disc_ndf=8", f"{GAN}.kl_weight=1.0",
 ]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def logged(run: Path) -> dict[str, list[float]]:

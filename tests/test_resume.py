@@ -13,27 +13,16 @@ import shutil
 from pathlib import Path
 
 import pytest
+import tiny_configs
 import torch
 
 from ldm_smd.checkpoints import CheckpointError, load_checkpoint
 from ldm_smd.train import train
 
-ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "configs" / "demo"
-QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-         "trainer.log_every_n_steps=1", "logging.tensorboard=false"]
-TINY_DATA = ["data.params.batch_size=4", "data.params.train.params.size=8",
-             "data.params.train.params.length=24"]  # 6 batches per epoch
-PIXEL = TINY_DATA + QUIET + [
-    "model.params.first_stage=identity",
-    "model.params.image_size=8",
-    "model.params.channels=3",
-    "model.params.network.params.in_channels=3",
-    "model.params.network.params.out_channels=3",
-    "model.params.network.params.model_channels=32",
-    "model.params.network.params.channel_mult=[1]",
-    "model.params.network.params.attention_resolutions=[]",
-    "model.params.schedule.num_timesteps=20",
+DEMO = tiny_configs.DEMO
+QUIET = tiny_configs.QUIET
+TINY_DATA = tiny_configs.tiny_data(batch=4, length=24)  # 6 batches per epoch
+PIXEL = TINY_DATA + QUIET + tiny_configs.tiny_pixel_unet() + [
     "model.params.lr_warmup_steps=3",
     "model.params.ema_decay=0.9",
     "data.params.batch_augment={flip_p: 0.5}",
@@ -44,15 +33,6 @@ AE = TINY_DATA + QUIET + [
     "model.params.ddconfig.ch_mult=[1,1]",
 ]
 STEPS = 9
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors: a second thread only adds synchronisation (and stalls on a busy machine)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def pixel_run(run_dir: Path, *extra: str) -> list[str]:
