@@ -52,10 +52,10 @@ WRITE_PAUSE_ENV = "LDM_SMD_TEST_WRITE_PAUSE"
 
 def _test_pause(path: Path) -> None:
     """Test hook: when ``$LDM_SMD_TEST_WRITE_PAUSE`` is set, sleep that many seconds while the
-    replacement of an existing file is fully written under its temporary name but not yet
+    replacement of an existing checkpoint is fully written under its temporary name but not yet
     renamed (crash-safety tests kill the process in this window)."""
     pause = os.environ.get(WRITE_PAUSE_ENV)
-    if pause and path.exists():
+    if pause and path.suffix == ".ckpt" and path.exists():
         time.sleep(float(pause))
 
 

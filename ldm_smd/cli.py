@@ -38,7 +38,7 @@ def _cmd_sample(args: argparse.Namespace) -> None:
 
 
 def _cmd_scale_factor(args: argparse.Namespace) -> None:
-    from ldm_smd.scale import scale_factor_command
+    from ldm_smd.latent_scale import scale_factor_command
 
     value = scale_factor_command(args.ckpt, args.config, batches=args.batches, write=args.write)
     print(f"{value:.6g}")

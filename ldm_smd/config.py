@@ -120,11 +120,10 @@ def to_plain(obj: Any) -> Any:
 
 def save_config(config: Mapping[str, Any], path: str | Path) -> None:
     """Write the resolved config as YAML (to a temporary name, then renamed)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_plain(config), sort_keys=False))
-    tmp.replace(path)
+    from ldm_smd.checkpoints import atomic_write
+
+    text = yaml.safe_dump(to_plain(config), sort_keys=False)
+    atomic_write(path, lambda handle: handle.write(text.encode()))
 
 
 # ----------------------------------------------------------------------------- targets

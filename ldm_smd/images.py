@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ldm_smd.checkpoints import atomic_write
+
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """``(N, C, H, W)`` in ``[-1, 1]`` -> ``(N, H, W, C)`` uint8."""
@@ -42,12 +44,8 @@ def _pil(array: np.ndarray) -> Image.Image:
 
 def save_grid(images: torch.Tensor, path: str | Path, *, nrow: int = 8) -> Path:
     """Write a PNG grid of ``images`` to ``path`` (to a temporary name, then renamed)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    _pil(make_grid(images, nrow=nrow)).save(tmp, format="PNG")
-    tmp.replace(path)
-    return path
+    picture = _pil(make_grid(images, nrow=nrow))
+    return atomic_write(path, lambda handle: picture.save(handle, format="PNG"))
 
 
 def save_singles(images: torch.Tensor, folder: str | Path, *, start: int = 0) -> list[Path]:

@@ -1,4 +1,5 @@
-"""The latent scale factor: ``1 / std`` of a first stage's latents, and writing it into a config.
+"""The latent scale factor: ``1 / std`` of a first stage's latents, the ``scale-factor``
+command that estimates it on a config's data, and writing it into a config.
 
 The estimate uses *sampled* latents ``z ~ q(z | x)`` (mean + std * eps), because that is what the
 stage-2 model is trained on when the first stage samples its posterior (CompVis's convention;
@@ -8,9 +9,8 @@ deviation is taken over every element of every batch together (not per channel),
 
 from __future__ import annotations
 
-import os
+import itertools
 import re
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -18,6 +18,7 @@ import torch
 import yaml
 from torch import nn
 
+from ldm_smd.checkpoints import atomic_write
 from ldm_smd.rng import GeneratorLike
 
 
@@ -118,14 +119,26 @@ def write_scale_factor(config_path: str | Path, value: float) -> Path:
     text = _edit_in_place(original, value)
     if text is None or yaml.safe_load(text) != config:
         text = yaml.safe_dump(config, sort_keys=False, default_flow_style=None)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda handle: handle.write(text.encode()))
+
+
+def scale_factor_command(
+    ckpt: str | Path, config_path: str | Path, *, batches: int = 8, write: str | Path | None = None
+) -> float:
+    """``ldm-smd scale-factor``: estimate the factor of the first stage ``ckpt`` on ``batches``
+    batches of the config's data; with ``write``, store it as ``model.params.scale_factor``."""
+    from ldm_smd.config import ConfigError, instantiate, load_config
+    from ldm_smd.convert import load_first_stage
+
+    config = load_config(config_path)
+    if "data" not in config:
+        raise ConfigError(f"{config_path}: needs a 'data' block to draw images from")
+    autoencoder, _ = load_first_stage(str(ckpt))
+    datamodule = instantiate(config["data"])
+    datamodule.setup("fit")
+    images = (batch["image"] for batch in itertools.islice(datamodule.train_dataloader(), batches))
+    value = estimate_scale_factor(autoencoder, images)
+    if write is not None:
+        write_scale_factor(write, value)
+        print(f"[ldm-smd] wrote model.params.scale_factor={value:.6g} into {write}")
+    return value

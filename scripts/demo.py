@@ -21,8 +21,8 @@ import torch
 from ldm_smd.config import instantiate, load_config
 from ldm_smd.convert import load_first_stage
 from ldm_smd.images import save_grid
+from ldm_smd.latent_scale import scale_factor_command
 from ldm_smd.sample import sample_to_dir
-from ldm_smd.scale import scale_factor_command
 from ldm_smd.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +49,6 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=36, help="number of samples in the grid")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(args.out)
     ae_cfg = ROOT / "configs/demo/autoencoder.yaml"
     ldm_cfg = ROOT / "configs/demo/ldm-smd.yaml"

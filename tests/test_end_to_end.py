@@ -131,3 +131,20 @@ def test_cli_reports_bad_config_key(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "model.params.learning_rat" in err and "learning_rate" in err
+
+
+def test_scale_factor_command_prints_and_writes(tmp_path, autoencoder_ckpt, capsys):
+    import shutil
+
+    import yaml
+
+    target = tmp_path / "ldm.yaml"
+    shutil.copy(DEMO / "ldm-smd.yaml", target)
+    code = cli(["scale-factor", "--ckpt", str(autoencoder_ckpt), "--config",
+                str(DEMO / "autoencoder.yaml"), "--batches", "2", "--write", str(target)])
+    assert code == 0
+    printed = float(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed > 0
+    written = yaml.safe_load(target.read_text())["model"]["params"]["scale_factor"]
+    assert written == pytest.approx(printed, rel=1e-5)
+    assert "# Stage 2 of the demo" in target.read_text()  # comments kept
