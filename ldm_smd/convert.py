@@ -1,4 +1,5 @@
-"""First-stage weights from ours, CompVis's or diffusers' format; export to diffusers.
+"""Others' weights in our modules: first stages (CompVis, diffusers; export to diffusers) and
+the SMD authors' ``HyperNet``.
 
 :func:`load_first_stage` accepts
 
@@ -15,6 +16,9 @@
 
 Loading is strict (missing or unexpected keys are an error listing them) and never runs code:
 safetensors, or ``torch.load(weights_only=True)`` through :mod:`ldm_smd.checkpoints`.
+
+:func:`hypernet_from_official` builds our :class:`~ldm_smd.nn.smd.Hypernetwork` from the state
+dict of one ``HyperNet`` of the SMD authors' code (vanderschaarlab/smd, ``src/smd/nn.py``).
 """
 
 from __future__ import annotations
@@ -25,11 +29,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from ldm_smd.checkpoints import CheckpointError, atomic_write, load_checkpoint
 from ldm_smd.checkpoints import load_state_dict_strict as _load_strict
 from ldm_smd.nn.autoencoder import AutoencoderKL
+from ldm_smd.nn.smd import Hypernetwork
 
 DIFFUSERS_CONFIG = "config.json"
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -259,3 +265,59 @@ def export_diffusers(
     text = json.dumps(config, indent=2).encode()
     atomic_write(folder / DIFFUSERS_CONFIG, lambda handle: handle.write(text))
     return folder
+
+
+_OFFICIAL_HYPERNET = re.compile(r"param_projs\.(\d+)\.(weight|bias)")
+
+
+def hypernet_from_official(state_dict: Mapping[str, Any], *, bound: str = "none") -> Hypernetwork:
+    """Our :class:`Hypernetwork` holding the weights of the authors' ``HyperNet``.
+
+    Their keys: ``in_proj.{weight,bias}`` (``A``, ``a``), ``param_projs.{l}.{weight,bias}``
+    (``W_l``, ``w_l``), ``scales`` (``s``), ``out_proj.{weight,bias}`` (``B``, ``b``) and the
+    constant identity ``eye`` (optional; checked when present). With ``bound="none"`` (their form)
+    ``module(h, z) - h`` equals their ``HyperNet.forward(h, get_weights(z))`` for features ``h``
+    (B, C, H, W) and latent ``z`` (B, d, H, W). A missing or unexpected key, or shapes that
+    disagree, is a :class:`~ldm_smd.checkpoints.CheckpointError` naming the keys.
+    """
+    sd = {str(k): v for k, v in state_dict.items()}
+    layers = sorted({int(m.group(1)) for k in sd if (m := _OFFICIAL_HYPERNET.fullmatch(k))})
+    expected = {"in_proj.weight", "in_proj.bias", "out_proj.weight", "out_proj.bias", "scales"}
+    expected |= {f"param_projs.{i}.{n}" for i in range(max(layers, default=-1) + 1)
+                 for n in ("weight", "bias")}
+    missing = sorted(expected - set(sd))
+    unexpected = sorted(set(sd) - expected - {"eye"})
+    if missing or unexpected or not layers:
+        raise CheckpointError(
+            f"not an SMD HyperNet state dict: missing keys {missing or ('param_projs.0.weight',)}"
+            f", unexpected keys {unexpected}"
+        )
+    d, channels = tuple(sd["in_proj.weight"].shape)
+    shapes = {"in_proj.weight": (d, channels), "in_proj.bias": (d,),
+              "out_proj.weight": (channels, d), "out_proj.bias": (channels,),
+              "scales": (len(layers),)}
+    shapes |= {f"param_projs.{i}.weight": (d, d) for i in layers}
+    shapes |= {f"param_projs.{i}.bias": (d,) for i in layers}
+    if "eye" in sd:
+        shapes["eye"] = (d, d)
+    wrong = {k: tuple(sd[k].shape) for k, shape in shapes.items() if tuple(sd[k].shape) != shape}
+    if wrong:
+        raise CheckpointError(
+            f"SMD HyperNet state dict with in_proj.weight of shape {(d, channels)} "
+            f"(latent_dim={d}, channels={channels}, {len(layers)} layers): keys with other "
+            f"shapes than {', '.join(f'{k} {shapes[k]}' for k in wrong)}: "
+            f"{', '.join(f'{k} {v}' for k, v in wrong.items())}"
+        )
+    if "eye" in sd and not torch.equal(sd["eye"].float(), torch.eye(d)):
+        raise CheckpointError("SMD HyperNet state dict: 'eye' is not the identity matrix")
+    module = Hypernetwork(channels=channels, latent_dim=d, num_layers=len(layers), bound=bound)
+    ours = {
+        "A": sd["in_proj.weight"], "a": sd["in_proj.bias"],
+        "W": torch.cat([sd[f"param_projs.{i}.weight"] for i in layers]),
+        "w": torch.cat([sd[f"param_projs.{i}.bias"] for i in layers]),
+        "s": sd["scales"], "B": sd["out_proj.weight"], "b": sd["out_proj.bias"],
+    }
+    module.load_state_dict({k: v.detach().to(torch.float32) for k, v in ours.items()},
+                           strict=True)
+    return module
+

@@ -80,7 +80,7 @@ THREADS = 2
 class DenseHypernetwork(Hypernetwork):
     """The reference implementation's cost model: ``M_l`` built as a d x d matrix per position.
 
-    Same parameters (``A``, ``W``, ``b``, ``s``, ``B``) and same function as
+    Same parameters (``A``, ``a``, ``W``, ``w``, ``s``, ``B``, ``b``) and same function as
     :class:`Hypernetwork`; only the evaluation differs: every per-position linear map is an
     ``einsum``, and each ``M_l = v_l v_l^T + softplus(s_l) I`` is materialised (``einsum`` outer
     product plus identity) and applied with ``torch.bmm``: O(d^2) per position. Both entry
@@ -96,26 +96,26 @@ class DenseHypernetwork(Hypernetwork):
         return 1.0 / math.sqrt(self.latent_dim) if self.bound == "tanh" else 1.0
 
     def _dense(self, h: torch.Tensor, v_all: torch.Tensor) -> torch.Tensor:
-        """``h + B M_L .. M_1 A h`` for token rows ``h`` (N, C) and vectors ``v_all`` (N, L d)."""
+        """``h + B M_L .. M_1 (A h + a) + b`` for token rows ``h`` (N, C), vectors ``v_all``."""
         self.dense_calls += 1
         d = self.latent_dim
-        r = torch.einsum("dc,nc->nd", self.A, h).unsqueeze(-1)  # (N, d, 1)
+        r = (torch.einsum("dc,nc->nd", self.A, h) + self.a).unsqueeze(-1)  # (N, d, 1)
         eye = torch.eye(d, dtype=h.dtype, device=h.device)
         scales = F.softplus(self.s)
         for layer in range(self.num_layers):
             v = v_all[:, layer * d:(layer + 1) * d]
             m = torch.einsum("ni,nj->nij", v, v) + scales[layer] * eye  # (N, d, d)
             r = torch.bmm(m, r)
-        return h + torch.einsum("cd,nd->nc", self.B, r.squeeze(-1))
+        return h + torch.einsum("cd,nd->nc", self.B, r.squeeze(-1)) + self.b
 
     def forward(self, h: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         if h.dim() == 2:
-            u = torch.einsum("kd,nd->nk", self.W, z) + self.b
+            u = torch.einsum("kd,nd->nk", self.W, z) + self.w
             return self._dense(h, (torch.tanh(u) if self.bound == "tanh" else u) * self._scale())
         b, c, hh, ww = h.shape
         tokens = h.permute(0, 2, 3, 1).reshape(-1, c)  # (N, C), N = B * H * W
         zt = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
-        u = torch.einsum("kd,nd->nk", self.W, zt) + self.b
+        u = torch.einsum("kd,nd->nk", self.W, zt) + self.w
         out = self._dense(tokens, (torch.tanh(u) if self.bound == "tanh" else u) * self._scale())
         return out.reshape(b, hh, ww, c).permute(0, 3, 1, 2)
 

@@ -43,7 +43,7 @@ from ldm_smd.diffusion.samplers import sample
 from ldm_smd.diffusion.schedule import NoiseSchedule
 from ldm_smd.eval import mixture_metrics as mm
 
-METHODS = ("vanilla", "smd_paper", "smd_mixture")
+METHODS = ("vanilla", "smd_paper", "smd_mixture", "smd_energy")
 REFERENCES = ("exact_posterior", "best_gaussian")
 TOP_KEYS = {"mixture", "schedule", "parameterization", "network", "smd", "objective",
             "objectives", "train", "bench", "quick"}
@@ -52,8 +52,9 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "grad_clip": 1.0, "ema_decay": 0.0,
 }
 BENCH_DEFAULTS: dict[str, Any] = {
-    "methods": list(METHODS), "T_list": [2, 5, 10, 20, 50], "seeds": [0, 1, 2],
-    "num_samples": 4000, "num_projections": 256, "sample_batch": 4000, "workers": 1,
+    "methods": ["vanilla", "smd_paper", "smd_mixture"], "T_list": [2, 5, 10, 20, 50],
+    "seeds": [0, 1, 2], "num_samples": 4000, "num_projections": 256, "sample_batch": 4000,
+    "workers": 1,
     "threads_per_worker": 1, "references": True,
 }
 LEGEND = (

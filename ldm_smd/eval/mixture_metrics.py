@@ -14,9 +14,14 @@ Specification: ``SMD.md`` section 6. All metrics are computed in float64.
   under the same truncation (``sqrt(F_{D+2}(q) / F_D(q))`` with ``F`` the chi-square CDF), so a
   true sample scores 1; below 1 is collapse onto the means, above is over-dispersion.
 - **logp_mean / logp_median**: log-density of the samples under the true mixture.
-- **sw** and **sw_floor**: sliced 2-Wasserstein distance to fresh samples of the mixture, with
-  seeded random projections, and the same distance between two fresh true samples of the same
-  size (the floor that sampling noise alone gives).
+- **sw** and **sw_floor**: sliced 1-Wasserstein distance to the mixture itself (the exact
+  quantiles of its projections, :func:`sliced_wasserstein_to_mixture`), with seeded random
+  projections, and the same distance for a fresh true sample of the same size (the floor that
+  sampling noise alone gives). Measured on ring8 with 10,000 samples, a true sample's distance
+  varies over seeds from 0.010 to 0.019 this way, against 0.035 to 0.095 for the sliced
+  2-Wasserstein distance between two samples (which needs a second, noisy sample and is
+  dominated by the extreme order statistics); only the first leaves a gap between methods at
+  T >= 10 that seeds can resolve.
 
 Samples are assigned to the component ``argmin_k |x - m_k| / r_k``. Non-finite samples count as
 not precise, are left out of the other statistics and make ``sw`` nan; ``nonfinite`` reports
@@ -34,7 +39,7 @@ import math
 
 import numpy as np
 import torch
-from scipy import stats
+from scipy import special, stats
 
 from ldm_smd.data.mixtures import GaussianMixture
 from ldm_smd.rng import randn
@@ -72,27 +77,43 @@ def assign_components(x: torch.Tensor, mixture: GaussianMixture, *, chunk: int =
     return torch.cat(labels), torch.cat(dists)
 
 
-def sliced_wasserstein(
-    x: torch.Tensor, y: torch.Tensor, *, num_projections: int = 256, seed: int = 0
+def sliced_wasserstein_to_mixture(
+    x: torch.Tensor, mixture: GaussianMixture, *, num_projections: int = 256, seed: int = 0,
+    grid: int = 4096,
 ) -> float:
-    """Sliced 2-Wasserstein distance between two equally sized point sets (float64).
+    """Sliced 1-Wasserstein distance from the point set ``x`` to the mixture itself (float64).
 
-    Directions are uniform on the sphere, drawn from ``torch.Generator().manual_seed(seed)``,
-    so every method compared with the same seed is projected the same way.
+    Along a unit direction ``u`` the mixture is the 1-D mixture of ``N(m_k . u, s_k^2)``, whose
+    quantile function ``F^-1`` is known; per direction ``W1 = (1/n) sum_i |x_(i) - F^-1(u_i)|``
+    with ``u_i = (i - 1/2) / n`` (``F^-1`` inverted by interpolation on ``grid`` points spanning
+    every component's mean +- 9 std, exact to well below a component's std). No second sample
+    enters, so the noise of a reference sample is gone, and W1 is not dominated by the extreme
+    order statistics as W2 is. Directions are uniform on the sphere, drawn from
+    ``torch.Generator().manual_seed(seed)``, so every method scored with a seed is projected the
+    same way.
     """
     x = x.reshape(x.shape[0], -1).to(torch.float64)
-    y = y.reshape(y.shape[0], -1).to(torch.float64)
-    if x.shape != y.shape:
-        raise ValueError(f"sliced_wasserstein: shapes differ, {tuple(x.shape)} vs {tuple(y.shape)}")
-    if not (torch.isfinite(x).all() and torch.isfinite(y).all()):
+    if not torch.isfinite(x).all():
         return float("nan")
+    n = x.shape[0]
     g = torch.Generator().manual_seed(int(seed))
     dirs = torch.randn(num_projections, x.shape[1], generator=g, dtype=torch.float64)
     dirs = dirs / dirs.norm(dim=1, keepdim=True)
-    # (P, N) rows sorted with numpy (several times faster than torch.sort on CPU)
-    px = np.sort((dirs @ x.T).numpy(), axis=1)
-    py = np.sort((dirs @ y.T).numpy(), axis=1)
-    return float(np.sqrt(((px - py) ** 2).mean()))
+    px = np.sort((dirs @ x.T).numpy(), axis=1)  # (P, n)
+    mu = (dirs @ mixture.means.to(torch.float64).T).numpy()  # (P, K)
+    sd = mixture.stds.to(torch.float64).numpy()  # (K,)
+    w = mixture.weights.to(torch.float64).numpy()
+    lo, hi = (mu - 9 * sd).min(axis=1), (mu + 9 * sd).max(axis=1)
+    u = (np.arange(n) + 0.5) / n
+    total = 0.0
+    for p in range(num_projections):
+        xs = np.linspace(lo[p], hi[p], grid)
+        cdf = special.ndtr((xs[:, None] - mu[p][None, :]) / sd[None, :]) @ w
+        cdf = np.maximum.accumulate(cdf)
+        keep = np.concatenate([[True], np.diff(cdf) > 0])  # strictly increasing for interp
+        q = np.interp(u, cdf[keep], xs[keep])
+        total += float(np.abs(px[p] - q).mean())
+    return total / num_projections
 
 
 def mixture_metrics(
@@ -100,16 +121,14 @@ def mixture_metrics(
     mixture: GaussianMixture,
     *,
     fresh: torch.Tensor | None = None,
-    fresh2: torch.Tensor | None = None,
     num_projections: int = 256,
     seed: int = 0,
     recall_min_share: float = 0.1,
 ) -> dict[str, float]:
     """All section-6 metrics of ``samples`` (``(N, ...)``, flattened to ``(N, D)``).
 
-    ``fresh`` and ``fresh2`` are two independent true samples of the same size as ``samples``;
-    when omitted they are drawn with generators seeded ``seed + 1_000_003`` and ``seed +
-    2_000_003``. ``sw`` is measured against ``fresh``; ``sw_floor`` between the two fresh sets.
+    ``fresh`` is a true sample of the same size as ``samples`` (drawn with a generator seeded
+    ``seed + 1_000_003`` when omitted); ``sw_floor`` is its distance to the mixture.
     """
     x = samples.reshape(samples.shape[0], -1).to(torch.float64)
     n = x.shape[0]
@@ -135,8 +154,6 @@ def mixture_metrics(
     logp = mixture.log_prob(xf) if xf.shape[0] else torch.tensor([float("nan")])
     if fresh is None:
         fresh = mixture.sample(n, generator=torch.Generator().manual_seed(seed + 1_000_003))[0]
-    if fresh2 is None:
-        fresh2 = mixture.sample(n, generator=torch.Generator().manual_seed(seed + 2_000_003))[0]
     return {
         "precision": n_precise / n,
         "recall": float(recalled.to(torch.float64).mean()),
@@ -144,8 +161,10 @@ def mixture_metrics(
         "spread": spread,
         "logp_mean": float(logp.mean()),
         "logp_median": float(logp.median()),
-        "sw": sliced_wasserstein(x, fresh, num_projections=num_projections, seed=seed),
-        "sw_floor": sliced_wasserstein(fresh, fresh2, num_projections=num_projections, seed=seed),
+        "sw": sliced_wasserstein_to_mixture(x, mixture, num_projections=num_projections,
+                                            seed=seed),
+        "sw_floor": sliced_wasserstein_to_mixture(fresh, mixture,
+                                                  num_projections=num_projections, seed=seed),
         "nonfinite": int((~finite).sum()) / n,
     }
 

@@ -6,38 +6,44 @@ denoiser's features. :class:`SMDNetwork` wraps any backbone that exposes modulat
 (:class:`~ldm_smd.nn.unet.UNetModel`, :class:`~ldm_smd.nn.mlp.MLPDenoiser`) and keeps the plain
 network call ``net(x_t, t, generator=None)``, so nothing downstream knows SMD exists.
 
-Hypernetwork at a site with features ``h`` (``C`` channels per position), ``d = latent_dim``::
+Hypernetwork at a site with features ``h`` (``C`` channels per position), ``d = latent_dim``
+(the authors' ``HyperNet``, vanderschaarlab/smd ``src/smd/nn.py``, evaluated in O(d))::
 
-    r = A h                                   # C -> d
-    v_l = W_l z + b_l                         # "none"  (reference, unbounded)
-    v_l = tanh(W_l z + b_l) / sqrt(d)         # "tanh"  (default; |v_l| <= 1)
+    r = A h + a                               # C -> d, with bias (their in_proj)
+    v_l = W_l z + w_l                         # "none"  (reference, unbounded)
+    v_l = tanh(W_l z + w_l) / sqrt(d)         # "tanh"  (default; |v_l| <= 1)
     r <- M_l r = v_l (v_l . r) + softplus(s_l) r,   l = 1 .. L     # O(d), no d x d matrix
-    h <- h + B r                              # d -> C
+    h <- h + B r + b                          # d -> C, with bias (their out_proj)
 
+The in-projection's bias gives the z-dependent shift ``B M(z) a`` that does not depend on ``h``.
 With the tanh bound every eigenvalue of ``M_l = v_l v_l^T + softplus(s_l) I`` lies in
 ``(0, 1 + softplus(s_l)]``, so ``L`` layers cannot blow up however far ``z`` wanders.
 
-Initialisation: ``B`` is zero, so a freshly built SMD network computes exactly its backbone
-(a pretrained vanilla backbone can be wrapped without changing its predictions, and training
-starts from the well-behaved vanilla model). ``B`` still receives a gradient at once
-(``dL/dB = dL/dh r^T``); the rest of the hypernetwork and ``g`` receive theirs as soon as ``B``
-is non-zero. ``s_l`` starts at ``log(e - 1)`` so ``softplus(s_l) = 1``; ``A`` and ``W_l`` use
-PyTorch's default linear initialisation.
+Initialisation (``hypernet_init``): ``"default"`` is the authors': PyTorch's ``nn.Linear``
+initialisation for ``A, a, W_l, w_l, B, b`` and ``s_l ~ N(0, 1)``. ``"zero"`` sets ``B = 0`` and
+``b = 0`` on top of that, so a fresh SMD network computes exactly its backbone (for wrapping a
+pretrained vanilla model). Its cost, measured (SMD.md section 3): while ``B = 0`` the latent
+generator and ``W`` receive exactly zero gradient and the ``M`` eta samples of a multi-sample
+objective give identical errors, so training starts at the symmetric point where ``eta`` is
+ignored and, on the mixture benchmark, stays there.
+
+Placements: ``"input_output"`` (the reference: after the input layer and before the output
+layer), ``"every_level"`` (every site the backbone declares) and ``"output"`` (one hypernetwork
+before the output layer only). With ``"output"`` the ``num_eta_samples`` draws of one call share
+a single backbone pass: only ``g``, the hypernetwork and the output layer run once per draw.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm_smd.nn.hypernet import HYPERNET_BOUNDS, HYPERNET_INITS, Hypernetwork, directions
 from ldm_smd.nn.layers import Downsample, ResBlock, normalization, timestep_embedding
-from ldm_smd.rng import randn_like
+from ldm_smd.rng import randn_like, repeat_generators
 
-PLACEMENTS = ("input_output", "every_level")
-HYPERNET_BOUNDS = ("tanh", "none")
+PLACEMENTS = ("input_output", "every_level", "output")
 
 
 class LatentGenerator(nn.Module):
@@ -108,177 +114,31 @@ class LatentGenerator(nn.Module):
         return z.view(h.shape[0], -1, *h.shape[-2:])
 
 
-class Hypernetwork(nn.Module):
-    """SMD modulation ``h <- h + B M_L ... M_1 A h`` at one site, evaluated in O(d).
-
-    Works per position on NCHW maps (``z`` of shape (B, d, H, W), matching ``h``'s resolution)
-    and on vectors (``h`` of shape (B, C), ``z`` of shape (B, d)). See the module docstring for
-    the maths and the initialisation.
-
-    Args:
-        channels: feature channels ``C`` at the site.
-        latent_dim: latent width ``d``.
-        num_layers: number ``L`` of rank-one-plus-identity factors.
-        bound: ``"tanh"`` (bounded, default) or ``"none"`` (the reference, unbounded form).
-    """
-
-    def __init__(self, *, channels: int, latent_dim: int = 100, num_layers: int = 2,
-                 bound: str = "tanh"):
-        super().__init__()
-        if bound not in HYPERNET_BOUNDS:
-            raise ValueError(f"hypernet_bound={bound!r} is not one of {list(HYPERNET_BOUNDS)}")
-        if num_layers < 1:
-            raise ValueError(f"hypernet_layers must be >= 1, got {num_layers}")
-        if latent_dim < 1 or channels < 1:
-            raise ValueError(f"Hypernetwork: need {channels=} >= 1 and {latent_dim=} >= 1")
-        self.channels, self.latent_dim, self.num_layers, self.bound = (
-            channels, latent_dim, num_layers, bound
-        )
-        a = nn.Linear(channels, latent_dim, bias=False)
-        w = nn.Linear(latent_dim, num_layers * latent_dim)
-        self.A = nn.Parameter(a.weight.detach().clone())  # (d, C)
-        self.W = nn.Parameter(w.weight.detach().clone())  # (L d, d), rows l*d:(l+1)*d = W_l
-        self.b = nn.Parameter(w.bias.detach().clone())  # (L d,)
-        self.s = nn.Parameter(torch.full((num_layers,), math.log(math.e - 1.0)))
-        self.B = nn.Parameter(torch.zeros(channels, latent_dim))  # (C, d), zero: identity at init
-
-    @staticmethod
-    def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
-        """Per-position linear map over dim 1 of a (B, K) or flattened (B, K, N) tensor.
-
-        For maps a batched matmul is used rather than a 1x1 convolution: on CPU it is several
-        times faster for these widths (measured: 100 -> 200 channels at 32x32, batch 16).
-        """
-        if x.dim() == 2:
-            return F.linear(x, weight, bias)
-        w = weight.expand(x.shape[0], -1, -1)
-        if bias is None:
-            return torch.bmm(w, x)
-        return torch.baddbmm(bias[None, :, None], w, x)
-
-    @property
-    def vector_scale_sq(self) -> float:
-        """``c**2`` where ``v_l = c u_l``: ``1 / d`` for the tanh bound, 1 without a bound."""
-        return 1.0 / self.latent_dim if self.bound == "tanh" else 1.0
-
-    def directions(self, z: torch.Tensor) -> torch.Tensor:
-        """Unscaled ``u_l`` (``v_l = c u_l``) for all layers, stacked: (B, L d[, N])."""
-        return _directions(z, self.W, self.b, self.bound)
-
-    def vectors(self, z: torch.Tensor) -> torch.Tensor:
-        """All ``v_l`` stacked along dim 1: (B, L d) or (B, L d, N) for flattened maps."""
-        return self.directions(z) * math.sqrt(self.vector_scale_sq)
-
-    def modulate(self, h: torch.Tensor, u_all: torch.Tensor) -> torch.Tensor:
-        """``h + B M_L .. M_1 A h`` for ``h`` (B, C[, N]) given precomputed directions ``u_all``.
-
-        ``M_l r = c^2 u_l (u_l . r) + softplus(s_l) r``: O(d) per position, no d x d matrix.
-        """
-        r = self._linear(h, self.A)
-        scales = F.softplus(self.s)
-        if torch.is_grad_enabled():
-            r = _RankOneChain.apply(r, u_all, scales, self.vector_scale_sq)
-        else:
-            r = _rank_one_chain_(r, u_all, scales, self.vector_scale_sq)
-        if h.dim() == 2:
-            return torch.addmm(h, r, self.B.t())
-        return torch.baddbmm(h, self.B.expand(h.shape[0], -1, -1), r)
-
-    def forward(self, h: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """Modulate ``h`` (B, C[, H, W]) with ``z`` (B, d[, H, W]) of the same resolution."""
-        shape = h.shape
-        if h.dim() == 4:
-            h, z = h.flatten(2), z.flatten(2)
-        return self.modulate(h, self.directions(z)).view(shape)
-
-
-def _rank_one_chain_(r: torch.Tensor, u_all: torch.Tensor, scales: torch.Tensor, c2: float):
-    """``r <- M_L .. M_1 r`` in place, ``M_l r = c2 u_l (u_l . r) + scales[l] r`` (no autograd)."""
-    d = r.shape[1]
-    for layer in range(scales.shape[0]):
-        u = u_all[:, layer * d:(layer + 1) * d]
-        dot = (u * r).sum(dim=1, keepdim=True).mul_(c2)
-        r = r.mul_(scales[layer]).addcmul_(u, dot)
-    return r
-
-
-class _RankOneChain(torch.autograd.Function):
-    """``M_L .. M_1 r`` with a hand-written backward (fewer full-size passes than autograd's).
-
-    Forward per layer: ``a = c2 (u . r)``, ``r' = s r + a u``. Backward, with ``g = dL/dr'``:
-    ``e = c2 (u . g)``, ``dL/du = a g + e r``, ``dL/ds = <g, r>``, ``dL/dr = s g + e u``
-    (``M_l`` is symmetric).
-    """
-
-    @staticmethod
-    def forward(ctx, r, u_all, scales, c2):
-        d = r.shape[1]
-        saved = []
-        for layer in range(scales.shape[0]):
-            u = u_all[:, layer * d:(layer + 1) * d]
-            dot = (u * r).sum(dim=1, keepdim=True).mul_(c2)
-            saved += [r, dot]
-            r = torch.mul(r, scales[layer]).addcmul_(u, dot)
-        ctx.save_for_backward(u_all, scales)
-        ctx.intermediates = saved  # plain tensors, no graph: kept on ctx
-        ctx.c2 = c2
-        return r
-
-    @staticmethod
-    def backward(ctx, grad):
-        u_all, scales = ctx.saved_tensors
-        saved, c2 = ctx.intermediates, ctx.c2
-        d = grad.shape[1]
-        grad_u = torch.empty(u_all.shape, dtype=u_all.dtype, device=u_all.device)
-        grad_s = torch.empty_like(scales)
-        g = grad
-        for layer in reversed(range(scales.shape[0])):
-            r_prev, dot = saved[2 * layer], saved[2 * layer + 1]
-            u = u_all[:, layer * d:(layer + 1) * d]
-            e = (u * g).sum(dim=1, keepdim=True).mul_(c2)
-            gu = grad_u[:, layer * d:(layer + 1) * d]
-            torch.mul(g, dot, out=gu)
-            gu.addcmul_(r_prev, e)
-            grad_s[layer] = (g * r_prev).sum()
-            g = torch.mul(g, scales[layer]).addcmul_(u, e)
-        return g, grad_u, grad_s, None
-
-
-def _directions(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, bound: str):
-    """``W z + b`` (bound "none") or ``tanh(W z + b)`` (bound "tanh") per position.
-
-    ``tanh(x) = 2 sigmoid(2x) - 1``, computed that way because sigmoid is the faster CPU kernel
-    (measured about 5x on 3M elements); the affine part is a single fused pass.
-    """
-    if bound == "none":
-        return Hypernetwork._linear(z, weight, bias)
-    pre = Hypernetwork._linear(z, 2.0 * weight, 2.0 * bias)
-    minus_one = torch.full((), -1.0, dtype=pre.dtype, device=pre.device)
-    if not torch.is_grad_enabled():
-        return torch.add(minus_one, pre.sigmoid_(), alpha=2.0, out=pre)
-    return torch.add(minus_one, torch.sigmoid(pre), alpha=2.0)
-
-
 class SMDNetwork(nn.Module):
     """A backbone modulated by SMD, with the plain network call.
 
-    ``forward(x_t, t, generator=None, *, eta=None)``: draws ``eta`` with
-    ``ldm_smd.rng.randn_like(x_t, generator=generator)`` unless given, computes
-    ``z = g(eta, x_t, t)``, and runs ``backbone(x_t, t, modulation=...)`` with one
-    :class:`Hypernetwork` per used site. At sites coarser than the input (``every_level``),
-    ``z`` is average-pooled to the site's resolution.
+    ``forward(x_t, t, generator=None, *, eta=None, num_eta_samples=1)``: draws ``eta`` with
+    ``ldm_smd.rng.randn`` unless given, computes ``z = g(eta, x_t, t)``, and runs
+    ``backbone(x_t, t, modulation=...)`` with one :class:`Hypernetwork` per used site. At sites
+    coarser than the input (``every_level``), ``z`` is average-pooled to the site's resolution.
+    With ``num_eta_samples = M > 1`` it returns ``M * B`` rows, row ``i + m * B`` being example
+    ``i`` under its ``m``-th draw of ``eta`` (per-row generators are tiled with
+    :func:`ldm_smd.rng.repeat_generators`, so the ``M`` draws of a row are consecutive draws of
+    its generator); with placement ``"output"`` the backbone runs once for all ``M``.
 
     Args:
         backbone: the denoiser; must expose ``in_channels``, ``model_channels``,
             ``spatial_dims`` (2 for NCHW images, 0 for vectors), ``modulation_sites``
             (site -> channels), ``modulation_site_strides`` (site -> downsampling factor) and
-            accept ``modulation=`` in its forward.
+            accept ``modulation=`` in its forward, applying the ``"output"`` site right before
+            its output layer (a modulation may return more rows than it was given there).
         latent_dim: width ``d`` of the latent ``z`` (reference 100).
         hypernet_layers: number ``L`` of factors ``M_l`` per hypernetwork (reference 2).
         generator_width: base width of ``g``; None -> ``max(8, backbone.model_channels // 4)``.
-        placement: ``"input_output"`` (the reference: after the input convolution and before the
-            output convolution) or ``"every_level"`` (every site the backbone declares).
+        placement: ``"input_output"`` (the reference), ``"every_level"`` or ``"output"`` (one
+            site before the output layer; the eta draws of a call share one backbone pass).
         hypernet_bound: ``"tanh"`` (bounded, default) or ``"none"`` (reference, unbounded).
+        hypernet_init: ``"default"`` (the authors') or ``"zero"`` (identity at initialisation).
     """
 
     def __init__(
@@ -290,6 +150,7 @@ class SMDNetwork(nn.Module):
         generator_width: int | None = None,
         placement: str = "input_output",
         hypernet_bound: str = "tanh",
+        hypernet_init: str = "default",
     ):
         super().__init__()
         if placement not in PLACEMENTS:
@@ -297,6 +158,10 @@ class SMDNetwork(nn.Module):
         if hypernet_bound not in HYPERNET_BOUNDS:
             raise ValueError(
                 f"hypernet_bound={hypernet_bound!r} is not one of {list(HYPERNET_BOUNDS)}"
+            )
+        if hypernet_init not in HYPERNET_INITS:
+            raise ValueError(
+                f"hypernet_init={hypernet_init!r} is not one of {list(HYPERNET_INITS)}"
             )
         if latent_dim < 1:
             raise ValueError(f"latent_dim must be >= 1, got {latent_dim}")
@@ -316,14 +181,15 @@ class SMDNetwork(nn.Module):
             raise ValueError(f"SMDNetwork: backbone.spatial_dims must be 0 or 2, got "
                              f"{backbone.spatial_dims}")
         sites = dict(backbone.modulation_sites)
-        if placement == "input_output":
-            absent = [s for s in ("input", "output") if s not in sites]
+        if placement != "every_level":
+            wanted = ("output",) if placement == "output" else ("input", "output")
+            absent = [s for s in wanted if s not in sites]
             if absent:
                 raise ValueError(
-                    f"SMDNetwork: placement='input_output' needs sites 'input' and 'output'; "
+                    f"SMDNetwork: placement={placement!r} needs sites {list(wanted)}; "
                     f"backbone declares {list(sites)}"
                 )
-            sites = {s: sites[s] for s in ("input", "output")}
+            sites = {s: sites[s] for s in wanted}
         self.backbone = backbone
         self.latent_dim = latent_dim
         self.placement = placement
@@ -342,7 +208,8 @@ class SMDNetwork(nn.Module):
         self.hypernets = nn.ModuleDict(
             {
                 site: Hypernetwork(channels=ch, latent_dim=latent_dim,
-                                   num_layers=hypernet_layers, bound=hypernet_bound)
+                                   num_layers=hypernet_layers, bound=hypernet_bound,
+                                   init=hypernet_init)
                 for site, ch in sites.items()
             }
         )
@@ -359,33 +226,50 @@ class SMDNetwork(nn.Module):
         elif eta.shape != x_t.shape:
             raise ValueError(f"SMDNetwork: eta shape {tuple(eta.shape)} != x_t shape "
                              f"{tuple(x_t.shape)}")
-        t = t.reshape(-1)
-        if t.shape[0] == 1 and x_t.shape[0] != 1:
-            t = t.expand(x_t.shape[0])
-        return self.generator(eta, x_t, t.to(x_t.device))
+        return self.generator(eta, x_t, _per_row(t, x_t).to(x_t.device))
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, generator=None, *,
-                eta: torch.Tensor | None = None) -> torch.Tensor:
-        z = self.latent(x_t, t, generator, eta=eta)
+    def _site_directions(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Unscaled hypernetwork directions per site (one matmul per resolution)."""
         # One matmul per resolution for the vectors of all sites there (same work as one per
         # site, fewer and larger kernels); each site then gets a slice of it.
-        directions: dict[str, torch.Tensor] = {}
+        out: dict[str, torch.Tensor] = {}
         for stride, sites in self._sites_by_stride.items():
             zs = z
             if z.dim() == 4:
                 zs = (F.avg_pool2d(z, stride) if stride > 1 else z).flatten(2)
             hns = [self.hypernets[s] for s in sites]
             weight = torch.cat([hn.W for hn in hns]) if len(hns) > 1 else hns[0].W
-            bias = torch.cat([hn.b for hn in hns]) if len(hns) > 1 else hns[0].b
-            u = _directions(zs, weight, bias, self.hypernet_bound)
+            bias = torch.cat([hn.w for hn in hns]) if len(hns) > 1 else hns[0].w
+            u = directions(zs, weight, bias, self.hypernet_bound)
             width = hns[0].W.shape[0]
             for i, site in enumerate(sites):
-                directions[site] = u[:, i * width:(i + 1) * width]
+                out[site] = u[:, i * width:(i + 1) * width]
+        return out
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, generator=None, *,
+                eta: torch.Tensor | None = None, num_eta_samples: int = 1) -> torch.Tensor:
+        M = int(num_eta_samples)
+        if M < 1:
+            raise ValueError(f"SMDNetwork: num_eta_samples must be >= 1, got {num_eta_samples}")
+        t = _per_row(t, x_t)
+        shared = M > 1 and self.placement == "output"
+        if M > 1:  # the M copies of each row: rows i + m * B
+            reps = (M,) + (1,) * (x_t.dim() - 1)
+            x_all, t_all, generator = x_t.repeat(reps), t.repeat(M), repeat_generators(
+                generator, M)
+            if not shared:
+                x_t, t = x_all, t_all
+        else:
+            x_all, t_all = x_t, t
+        z = self.latent(x_all, t_all, generator, eta=eta)
+        site_u = self._site_directions(z)
 
         def modulation(h: torch.Tensor, site: str) -> torch.Tensor:
-            if site not in directions:
+            if site not in site_u:
                 return h
-            u = directions[site]
+            if shared:
+                h = h.repeat((M,) + (1,) * (h.dim() - 1))
+            u = site_u[site]
             if h.dim() == 2:
                 return self.hypernets[site].modulate(h, u)
             if u.shape[-1] != h.shape[-2] * h.shape[-1]:
@@ -397,3 +281,11 @@ class SMDNetwork(nn.Module):
             return self.hypernets[site].modulate(h.flatten(2), u).view(h.shape)
 
         return self.backbone(x_t, t, generator, modulation=modulation)
+
+
+def _per_row(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Timesteps as a (B,) tensor for ``x`` of batch B (a single timestep is broadcast)."""
+    t = t.reshape(-1)
+    if t.shape[0] == 1 and x.shape[0] != 1:
+        t = t.expand(x.shape[0])
+    return t

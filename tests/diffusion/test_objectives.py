@@ -29,10 +29,14 @@ class TinyNet(nn.Module):
 
 
 class NoisyNet(TinyNet):
-    """SMD-like network: its output depends on eta drawn from the generator it is given."""
+    """SMD-like network: its output depends on eta drawn from the generator it is given; with
+    ``num_eta_samples = M`` it returns M * B rows, row i + m * B under the m-th draw (the
+    SMDNetwork contract)."""
 
-    def forward(self, x, t, generator=None):
-        eta = rng.randn_like(x, generator=generator)
+    def forward(self, x, t, generator=None, num_eta_samples=1):
+        reps = (num_eta_samples,) + (1,) * (x.dim() - 1)
+        x, t = x.repeat(reps), t.repeat(num_eta_samples)
+        eta = rng.randn_like(x, generator=rng.repeat_generators(generator, num_eta_samples))
         return super().forward(x, t) + 0.7 * eta
 
 
@@ -43,8 +47,9 @@ class FixedX0Net(nn.Module):
         super().__init__()
         self.s, self.x0_hat, self.p = schedule, x0 + delta, parameterization
 
-    def forward(self, x, t, generator=None):
-        reps = (x.shape[0] // self.x0_hat.shape[0],) + (1,) * (x.dim() - 1)
+    def forward(self, x, t, generator=None, num_eta_samples=1):
+        reps = (num_eta_samples,) + (1,) * (x.dim() - 1)
+        x, t = x.repeat(reps), t.repeat(num_eta_samples)
         return self.s.convert(self.x0_hat.repeat(reps), x, t, source="x0", target=self.p)
 
 
@@ -57,7 +62,7 @@ def _x0(seed=0, shape=(8, 2, 3)):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("name", ["vanilla", "smd_paper", "smd_mixture"])
+@pytest.mark.parametrize("name", ["vanilla", "smd_paper", "smd_mixture", "smd_energy"])
 @pytest.mark.parametrize("param", PARAMETERIZATIONS)
 @pytest.mark.parametrize("weighting", ["simple", "min_snr"])
 def test_loss_finite_scalar_and_gradients_flow(schedule, name, param, weighting):
@@ -202,3 +207,68 @@ def test_bad_params_are_named():
         build_objective("smd_mixture", loss_type="l1")
     with pytest.raises(ValueError, match="parameterization='eps2'"):
         build_objective("smd_paper", parameterization="eps2")
+    with pytest.raises(ValueError, match="at least 2 draws"):
+        build_objective("smd_energy", num_eta_samples=1)
+    with pytest.raises(ValueError, match=r"beta=2\.0"):
+        build_objective("smd_energy", beta=2.0)
+    with pytest.raises(ValueError, match="mean_weight=-1"):
+        build_objective("smd_energy", mean_weight=-1)
+
+
+@pytest.mark.parametrize("name", ["smd_mixture", "smd_energy"])
+def test_multi_eta_objective_over_a_network_without_latent_is_an_error(schedule, name):
+    with pytest.raises(ValueError, match="needs an SMD network"):
+        build_objective(name)(TinyNet(), _x0(), schedule=schedule, generator=None)
+
+
+class DrawNet(nn.Module):
+    """Predicts a draw from N(mu, sd^2 I) (mu, sd learnable), whatever the input."""
+
+    def __init__(self, dim, mu=0.0, sd=1.0):
+        super().__init__()
+        self.mu = nn.Parameter(torch.full((dim,), float(mu)))
+        self.log_sd = nn.Parameter(torch.tensor(float(sd)).log())
+
+    def forward(self, x, t, generator=None, num_eta_samples=1):
+        n = x.shape[0] * num_eta_samples
+        eta = torch.randn((n, x.shape[1]), generator=generator, dtype=x.dtype)
+        return self.mu + self.log_sd.exp() * eta
+
+
+def test_energy_score_matches_hand_written_formula(schedule):
+    torch.manual_seed(0)
+    net, x0, M = NoisyNet(), _x0(), 3
+    gen = torch.Generator().manual_seed(11)
+    t = torch.randint(0, T, (x0.shape[0],), generator=gen)
+    noise = torch.randn(x0.shape, generator=gen)
+    obj = build_objective("smd_energy", num_eta_samples=M)
+    loss, logs = obj(net, x0, schedule=schedule, generator=torch.Generator().manual_seed(2),
+                     t=t, noise=noise)
+    x_t = schedule.q_sample(x0, t, noise)
+    pred = net(x_t, t, generator=torch.Generator().manual_seed(2), num_eta_samples=M)
+    pred = pred.reshape(M, x0.shape[0], -1)
+    y = noise.reshape(x0.shape[0], -1)
+    per_ex = []
+    for i in range(x0.shape[0]):
+        fit = sum(((pred[m, i] - y[i]).square().mean() + 1e-8).sqrt() for m in range(M)) / M
+        pairs = [((pred[m, i] - pred[k, i]).square().mean() + 1e-8).sqrt()
+                 for m in range(M) for k in range(M) if m != k]
+        per_ex.append(fit - sum(pairs) / (2 * M * (M - 1)))
+    torch.testing.assert_close(loss, torch.stack(per_ex).mean(), rtol=1e-5, atol=1e-7)
+    assert logs["energy_spread"] > 0
+
+
+def test_energy_score_is_minimised_by_the_true_spread(schedule):
+    """Targets ~ N(0, I) (eps of the data-free eps objective): over model draws N(0, sd^2 I),
+    the expected score is lowest at sd = 1, not at the collapsed sd = 0 that MSE prefers."""
+    dim, n = 4, 20000
+    x0 = torch.zeros(n, dim, dtype=torch.float64)  # then the eps target is exactly N(0, I)
+    scores = {}
+    for sd in (0.05, 0.5, 1.0, 1.5):
+        net = DrawNet(dim, sd=sd).double()
+        obj = build_objective("smd_energy", num_eta_samples=4)
+        loss, _ = obj(net, x0, schedule=schedule, generator=torch.Generator().manual_seed(0))
+        scores[sd] = loss.item()
+    assert min(scores, key=scores.get) == 1.0, scores
+    # collapse (what the MSE of one draw would prefer) is clearly worse
+    assert scores[0.05] > scores[1.0] + 0.05

@@ -16,7 +16,7 @@ from ldm_smd.eval.mixture_metrics import (
     mixture_metrics,
     oracle_denoiser,
     precision_radius,
-    sliced_wasserstein,
+    sliced_wasserstein_to_mixture,
 )
 
 RING = {"kind": "ring", "num_components": 8, "radius": 4.0, "std": 0.25}
@@ -72,12 +72,18 @@ def test_collapse_and_missing_modes_are_caught():
     assert m2["precision"] == 3999 / 4000
 
 
-def test_sliced_wasserstein_identity_and_shift():
-    x = torch.randn(1000, 3, generator=g(1), dtype=torch.float64)
-    assert sliced_wasserstein(x, x, num_projections=64) == 0.0
-    shift = torch.tensor([3.0, 0.0, 0.0], dtype=torch.float64)
-    sw = sliced_wasserstein(x, x + shift, num_projections=1000, seed=2)
-    assert abs(sw - 3.0 / math.sqrt(3)) < 0.1  # sqrt(E[(s.theta)^2]) = |s| / sqrt(D)
+def test_sliced_wasserstein_to_the_mixture_floor_and_shift():
+    mix = build_mixture({"kind": "explicit", "means": [[0.0, 0.0, 0.0]], "std": 1.0})
+    x, _ = mix.sample(20000, generator=g(1))
+    floor = sliced_wasserstein_to_mixture(x, mix, num_projections=64, seed=2)
+    assert floor < 0.03  # a true sample: only its own sampling noise
+    shift = torch.tensor([3.0, 0.0, 0.0])
+    sw = sliced_wasserstein_to_mixture(x + shift, mix, num_projections=800, seed=2)
+    # W1 of a shifted copy is |s . theta|; for directions uniform on the 2-sphere E|theta_1| = 1/2
+    assert abs(sw - 1.5) < 0.05 + floor
+    # the same seed projects the same way; the distance grows with the error
+    assert sliced_wasserstein_to_mixture(x + shift, mix, num_projections=800, seed=2) == sw
+    assert sliced_wasserstein_to_mixture(x + 2 * shift, mix, num_projections=64, seed=2) > 2.5
 
 
 def test_excess_sw_removed():

@@ -1,4 +1,5 @@
-"""SMD: O(d) hypernetwork against explicit d x d matrices, bounds, and the SMDNetwork call."""
+"""SMD: O(d) hypernetwork against explicit d x d matrices, bounds, initialisation, the
+SMDNetwork call and its placements (the shared-backbone ``output`` placement included)."""
 
 import math
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ldm_smd.nn.hypernet import _RankOneChain
 from ldm_smd.nn.smd import Hypernetwork, LatentGenerator, SMDNetwork
 from ldm_smd.nn.unet import UNetModel
 from ldm_smd.rng import row_generators
@@ -26,16 +28,16 @@ def _explicit(hn: Hypernetwork, h: torch.Tensor, z: torch.Tensor) -> torch.Tenso
     zp = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]) if spatial else z
     hp, zp = hp.double(), zp.double()
     d = hn.latent_dim
-    r = hp @ hn.A.double().T
+    r = hp @ hn.A.double().T + hn.a.double()
     eye = torch.eye(d, dtype=torch.float64)
     for layer in range(hn.num_layers):
         rows = slice(layer * d, (layer + 1) * d)
-        v = zp @ hn.W[rows].double().T + hn.b[rows].double()
+        v = zp @ hn.W[rows].double().T + hn.w[rows].double()
         if hn.bound == "tanh":
             v = torch.tanh(v) / math.sqrt(d)
         m = v[:, :, None] * v[:, None, :] + F.softplus(hn.s[layer].double()) * eye
         r = (m @ r[:, :, None])[:, :, 0]
-    out = hp + r @ hn.B.double().T
+    out = hp + r @ hn.B.double().T + hn.b.double()
     if spatial:
         out = out.reshape(h.shape[0], h.shape[2], h.shape[3], h.shape[1]).permute(0, 3, 1, 2)
     return out
@@ -86,13 +88,10 @@ def _backbone(**kw):
     return UNetModel(**cfg)
 
 
-def _smd(seed=0, nonzero_b=True, **kw):
+def _smd(seed=0, **kw):
     torch.manual_seed(seed)
     net = SMDNetwork(backbone=_backbone(), latent_dim=8, **kw)
-    torch.nn.init.normal_(net.backbone.out[2].weight, std=0.1)
-    if nonzero_b:
-        for hn in net.hypernets.values():
-            torch.nn.init.normal_(hn.B, std=0.5)
+    torch.nn.init.normal_(net.backbone.out[2].weight, std=0.1)  # the UNet's is zero-initialised
     return net
 
 
@@ -117,12 +116,40 @@ def test_different_eta_gives_different_output():
     torch.testing.assert_close(net(X, T, eta=eta), net(X, T, torch.Generator(), eta=eta))
 
 
-def test_fresh_network_equals_backbone_exactly():
-    net = _smd(nonzero_b=False)
+def test_zero_init_equals_backbone_exactly_and_starves_the_latent():
+    """hypernet_init="zero": the wrapped backbone is unchanged, and (the measured cost) the latent
+    generator and W receive exactly zero gradient while B = 0."""
+    net = _smd(hypernet_init="zero")
     for hn in net.hypernets.values():
-        assert torch.count_nonzero(hn.B) == 0
+        assert torch.count_nonzero(hn.B) == 0 and torch.count_nonzero(hn.b) == 0
     out = net(X, T, torch.Generator().manual_seed(1))
     assert torch.equal(out, net.backbone(X, T))
+    out.square().mean().backward()
+    for name, p in net.named_parameters():
+        if name.startswith("generator.") or name.endswith((".W", ".w", ".s", ".A", ".a")):
+            assert p.grad is None or torch.count_nonzero(p.grad) == 0, name
+    assert torch.count_nonzero(net.hypernets["output"].B.grad) > 0
+
+
+def test_default_init_is_the_authors():
+    """nn.Linear's init for every map (uniform within 1/sqrt(fan_in), biases too), s ~ N(0, 1)."""
+    torch.manual_seed(0)
+    hn = Hypernetwork(channels=1000, latent_dim=800, num_layers=2)
+    for name, fan_in in (("A", 1000), ("a", 1000), ("W", 800), ("w", 800), ("B", 800),
+                         ("b", 800)):
+        p = getattr(hn, name).detach()
+        bound = 1 / math.sqrt(fan_in)
+        assert p.abs().max() <= bound, name
+        # uniform on (-bound, bound): mean 0, std bound / sqrt(3)
+        assert abs(p.std().item() - bound / math.sqrt(3)) < 0.1 * bound, name
+        assert abs(p.mean().item()) < 0.1 * bound, name
+    s = Hypernetwork(channels=1, latent_dim=1, num_layers=2000).s.detach()
+    assert abs(s.mean().item()) < 0.15 and abs(s.std().item() - 1) < 0.1
+    net = _smd()
+    assert all(torch.count_nonzero(h.B) > 0 for h in net.hypernets.values())
+    # the authors' form moves the output at once: eta matters from the first step
+    assert not torch.allclose(net(X, T, torch.Generator().manual_seed(1)),
+                              net(X, T, torch.Generator().manual_seed(2)))
 
 
 def test_per_row_generators_make_rows_batch_independent():
@@ -147,8 +174,9 @@ def test_every_placement_runs_and_gradients_reach_everything(placement, bound):
     for name, p in net.named_parameters():
         assert p.grad is not None, name
     for name in ("generator.conv_in.weight", "generator.conv_out.weight",
-                 "generator.enc0.out_layers.3.weight", "hypernets.input.A", "hypernets.input.W",
-                 "hypernets.input.b", "hypernets.input.s", "hypernets.output.B",
+                 "generator.enc0.out_layers.3.weight", "hypernets.input.A", "hypernets.input.a",
+                 "hypernets.input.W", "hypernets.input.w", "hypernets.input.s",
+                 "hypernets.output.B", "hypernets.output.b",
                  "backbone.input_blocks.0.0.weight", "backbone.out.2.weight"):
         grad = dict(net.named_parameters())[name].grad
         assert grad is not None and grad.abs().sum() > 0, name
@@ -186,7 +214,7 @@ def test_fused_vectors_match_per_site_hypernetworks():
 
 
 def test_large_inputs_stay_finite():
-    fresh = _smd(nonzero_b=False)
+    fresh = _smd(hypernet_init="zero")
     big = X * 1e3
     assert torch.isfinite(fresh(big, T, torch.Generator().manual_seed(0))).all()
     bounded = _smd(hypernet_bound="tanh")
@@ -207,6 +235,7 @@ def test_default_generator_width_and_shapes():
     [
         ({"placement": "everywhere"}, "everywhere"),
         ({"hypernet_bound": "sigmoid"}, "sigmoid"),
+        ({"hypernet_init": "xavier"}, "xavier"),
         ({"latent_dim": 0}, "latent_dim"),
         ({"hypernet_layers": 0}, "hypernet_layers"),
         ({"generator_width": 0}, "generator_width"),
@@ -234,8 +263,6 @@ def test_no_grad_fast_path_matches_autograd_path(bound):
 
 @pytest.mark.parametrize("spatial", [True, False])
 def test_hand_written_backward_passes_gradcheck(spatial):
-    from ldm_smd.nn.smd import _RankOneChain
-
     g = torch.Generator().manual_seed(0)
     shape_r, shape_u = ((2, 4, 3), (2, 8, 3)) if spatial else ((3, 4), (3, 8))
     r = torch.randn(shape_r, generator=g, dtype=torch.float64, requires_grad=True)
@@ -244,3 +271,42 @@ def test_hand_written_backward_passes_gradcheck(spatial):
     assert torch.autograd.gradcheck(
         lambda r, u, s: _RankOneChain.apply(r, u, s, 0.25), (r, u_all, scales)
     )
+
+
+@pytest.mark.parametrize("placement", ["output", "input_output", "every_level"])
+def test_num_eta_samples_rows_equal_separate_calls(placement):
+    """M draws in one call: row i + m * B equals a call with draw m alone, whichever placement
+    (with "output" the backbone ran once for all M)."""
+    net = _smd(placement=placement)
+    M, B = 3, X.shape[0]
+    eta = torch.randn((M * B, *X.shape[1:]), generator=torch.Generator().manual_seed(9))
+    joint = net(X, T, eta=eta, num_eta_samples=M)
+    assert joint.shape == (M * B, *X.shape[1:])
+    for m in range(M):
+        alone = net(X, T, eta=eta[m * B:(m + 1) * B])
+        torch.testing.assert_close(joint[m * B:(m + 1) * B], alone, rtol=1e-5, atol=1e-6)
+    # seeded draws: per-row generators give each row M consecutive draws of its own generator
+    a = net(X, T, row_generators(4, 0, B), num_eta_samples=M)
+    b = net(X[1:], T[1:], row_generators(4, 1, B - 1), num_eta_samples=M)
+    torch.testing.assert_close(a.reshape(M, B, -1)[:, 1:], b.reshape(M, B - 1, -1), rtol=1e-5,
+                               atol=1e-6)
+    assert not torch.allclose(a[:B], a[B:2 * B])
+
+
+def test_output_placement_runs_the_backbone_once_for_all_draws():
+    net = _smd(placement="output")
+    assert set(net.hypernets) == {"output"}
+    calls = []
+    hook = net.backbone.input_blocks[0].register_forward_hook(
+        lambda mod, inp, out: calls.append(out.shape[0]))
+    net(X, T, torch.Generator().manual_seed(0), num_eta_samples=4)
+    hook.remove()
+    assert calls == [X.shape[0]]
+    net = _smd(placement="input_output")
+    hook = net.backbone.input_blocks[0].register_forward_hook(
+        lambda mod, inp, out: calls.append(out.shape[0]))
+    net(X, T, torch.Generator().manual_seed(0), num_eta_samples=4)
+    hook.remove()
+    assert calls == [X.shape[0], 4 * X.shape[0]]
+    with pytest.raises(ValueError, match="num_eta_samples"):
+        net(X, T, num_eta_samples=0)

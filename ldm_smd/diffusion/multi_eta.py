@@ -1,0 +1,313 @@
+"""SMD objectives that draw several ``eta`` per example: the mixture bound and the energy score.
+
+Both evaluate ``M = num_eta_samples`` draws of ``eta`` for each ``x_t`` in one network call,
+``network(x_t, t, generator=generator, num_eta_samples=M)`` (an SMD network returns ``M * B``
+rows, row ``i + m * B`` being example ``i`` under draw ``m``; with placement ``"output"`` the
+draws share one backbone pass). A network without a latent cannot take part: asking one for
+``M > 1`` draws is an error that says so.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ldm_smd.diffusion.denoising import DenoisingObjective, Network, loss_weights
+from ldm_smd.diffusion.schedule import NoiseSchedule
+from ldm_smd.rng import GeneratorLike
+
+ELBO_VARIANCES = ("posterior", "beta")
+
+
+class MultiEtaObjective(DenoisingObjective):
+    """Shared part of the objectives that evaluate ``M`` draws of ``eta`` per example.
+
+    Args:
+        parameterization: what the network predicts: "eps", "x0" or "v".
+        loss_weighting: "simple" (weight 1) or "min_snr" (Min-SNR-gamma).
+        min_snr_gamma: gamma of the Min-SNR weighting.
+        loss_type: "l2" (squared error) or "l1" (absolute error).
+        num_eta_samples: M, the eta draws per example.
+    """
+
+    def __init__(
+        self,
+        *,
+        parameterization: str = "eps",
+        loss_weighting: str = "simple",
+        min_snr_gamma: float = 5.0,
+        loss_type: str = "l2",
+        num_eta_samples: int = 4,
+    ) -> None:
+        super().__init__(
+            parameterization=parameterization,
+            loss_weighting=loss_weighting,
+            min_snr_gamma=min_snr_gamma,
+            loss_type=loss_type,
+        )
+        if isinstance(num_eta_samples, bool) or int(num_eta_samples) < 1:
+            raise ValueError(f"num_eta_samples={num_eta_samples!r} must be at least 1")
+        self.num_eta_samples = int(num_eta_samples)
+
+    def __repr__(self) -> str:
+        return f"{super().__repr__()[:-1]}, num_eta_samples={self.num_eta_samples})"
+
+    def predictions(self, network: Network, x_t: torch.Tensor, t: torch.Tensor,
+                    generator: GeneratorLike) -> torch.Tensor:
+        """The network's predictions under ``M`` draws of ``eta``: shape (M, B, ...)."""
+        M = self.num_eta_samples
+        if M == 1:
+            return network(x_t, t, generator=generator)[None]
+        try:
+            pred = network(x_t, t, generator=generator, num_eta_samples=M)
+        except TypeError as exc:
+            if "num_eta_samples" not in str(exc):
+                raise
+            raise ValueError(
+                f"{type(self).__name__} draws num_eta_samples={M} values of eta per example and "
+                f"needs an SMD network (ldm_smd.nn.smd.SMDNetwork); this network has no latent"
+            ) from exc
+        if pred.shape[0] != M * x_t.shape[0]:
+            raise ValueError(
+                f"network returned {pred.shape[0]} rows for {x_t.shape[0]} examples x "
+                f"num_eta_samples={M}"
+            )
+        return pred.reshape(M, *x_t.shape[:1], *pred.shape[1:])
+
+
+class MixtureObjective(MultiEtaObjective):
+    """SMD "mixture" objective: a Monte-Carlo bound on the mixture likelihood of each step.
+
+    For each example, ``M = num_eta_samples`` draws of ``eta`` for the same ``x_t`` (same t,
+    same noise; see :class:`MultiEtaObjective`) give errors ``e_1..e_M`` (each weighted and
+    averaged over dims as in :mod:`ldm_smd.diffusion.denoising`), and
+
+        loss_i = -tau * log( (1/M) sum_m exp(-e_m / tau) )       (computed with logsumexp),
+
+    averaged over examples. ``tau -> inf`` gives the mean of ``e_m`` (the paper objective),
+    ``tau -> 0`` gives ``min_m e_m`` (winner-take-all). With ``M = 1`` it is exactly the paper
+    objective on the same draws.
+
+    ``tau="elbo"`` (needs ``loss_type="l2"``). The step's model is
+    ``p(x_{t-1} | x_t) = E_eta N(x_{t-1}; mu_m, sigma_t^2 I)`` with
+    ``mu_m = c1_t x0_hat_m + c2_t x_t`` (c1, c2 the posterior-mean coefficients). Evaluating the
+    density at the posterior mean ``mu~ = c1_t x0 + c2_t x_t`` of ``q(x_{t-1} | x_t, x0)``
+    (for M = 1 this is exactly DDPM's KL term ``|mu~ - mu|^2 / (2 sigma^2)``; the data-independent
+    constants are dropped) gives the per-step Monte-Carlo bound
+    ``-log (1/M) sum_m exp(-lambda_t * S_m)``, where ``S_m`` is the squared error *summed* over
+    the ``D`` dimensions in the parameterization's space, because
+    ``mu~ - mu_m = c1_t (x0 - x0_hat_m)`` and
+    ``x0 - x0_hat = -sqrt((1 - abar)/abar) (eps - eps_hat) = -sqrt(1 - abar) (v - v_hat)``:
+
+        lambda_t = c1_t^2 / (2 sigma_t^2) * {x0: 1, eps: (1 - abar_t) / abar_t, v: 1 - abar_t}.
+
+    ``sigma_t^2`` is the sampler's DDPM variance: beta tilde with its t = 0 value replaced by
+    t = 1's (``elbo_variance="posterior"``, the default) or ``beta_t`` (``"beta"``). Our ``e_m``
+    stays the weighted *mean* over dims, ``e_m = w_t S_m / D``, so ``tau_t = w_t / (D lambda_t)``
+    makes ``e_m / tau_t = lambda_t S_m`` exactly; the loss is then the step's mixture bound in
+    nats times ``tau_t``, i.e. rescaled by the same per-t factor that turns DDPM's Gaussian bound
+    into the chosen loss weighting (and at M = 1 it equals the paper objective).
+
+    Args:
+        parameterization: what the network predicts: "eps", "x0" or "v".
+        loss_weighting: "simple" (weight 1) or "min_snr" (Min-SNR-gamma).
+        min_snr_gamma: gamma of the Min-SNR weighting.
+        loss_type: "l2" (squared error) or "l1" (absolute error; not with tau="elbo").
+        num_eta_samples: M, the eta samples per example (the network is called on M * B rows).
+        tau: temperature, a positive number or "elbo" (derived per t, see above).
+        elbo_variance: sigma_t^2 used by tau="elbo": "posterior" (beta tilde) or "beta".
+    """
+
+    def __init__(
+        self,
+        *,
+        parameterization: str = "eps",
+        loss_weighting: str = "simple",
+        min_snr_gamma: float = 5.0,
+        loss_type: str = "l2",
+        num_eta_samples: int = 4,
+        tau: float | str = "elbo",
+        elbo_variance: str = "posterior",
+    ) -> None:
+        super().__init__(
+            parameterization=parameterization,
+            loss_weighting=loss_weighting,
+            min_snr_gamma=min_snr_gamma,
+            loss_type=loss_type,
+            num_eta_samples=num_eta_samples,
+        )
+        if isinstance(tau, str):
+            if tau != "elbo":
+                raise ValueError(f"tau={tau!r} must be a positive number or 'elbo'")
+            if loss_type != "l2":
+                raise ValueError(f"tau='elbo' needs loss_type='l2', got loss_type={loss_type!r}")
+        elif isinstance(tau, bool) or not (isinstance(tau, int | float) and tau > 0):
+            raise ValueError(f"tau={tau!r} must be a positive number or 'elbo'")
+        if elbo_variance not in ELBO_VARIANCES:
+            raise ValueError(
+                f"elbo_variance={elbo_variance!r} is not one of {list(ELBO_VARIANCES)}"
+            )
+        self.tau = tau if isinstance(tau, str) else float(tau)
+        self.elbo_variance = elbo_variance
+
+    def __repr__(self) -> str:
+        return f"{super().__repr__()[:-1]}, tau={self.tau!r})"
+
+    def elbo_lambda(self, schedule: NoiseSchedule, t: torch.Tensor) -> torch.Tensor:
+        """lambda_t of the class docstring, float64 (B,) on t's device."""
+        abar = schedule.gather("alphas_cumprod", t)
+        c1 = schedule.gather("posterior_mean_coef1", t)
+        name = "posterior_variance_clipped" if self.elbo_variance == "posterior" else "betas"
+        sigma2 = schedule.gather(name, t)
+        factor = {"x0": torch.ones_like(abar), "eps": (1.0 - abar) / abar, "v": 1.0 - abar}
+        return c1.square() / (2.0 * sigma2) * factor[self.parameterization]
+
+    def taus(self, schedule: NoiseSchedule, t: torch.Tensor, num_dims: int) -> torch.Tensor:
+        """Per-example temperatures tau_t, float64 (B,) on t's device."""
+        if self.tau != "elbo":
+            return torch.full((t.shape[0],), float(self.tau), dtype=torch.float64, device=t.device)
+        w = loss_weights(
+            schedule,
+            t,
+            parameterization=self.parameterization,
+            loss_weighting=self.loss_weighting,
+            min_snr_gamma=self.min_snr_gamma,
+        )
+        return w / (num_dims * self.elbo_lambda(schedule, t))
+
+    def __call__(
+        self,
+        network: Network,
+        x0: torch.Tensor,
+        *,
+        schedule: NoiseSchedule,
+        generator: GeneratorLike,
+        t: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        B, M = x0.shape[0], self.num_eta_samples
+        reps = (M,) + (1,) * (x0.dim() - 1)
+        t, noise, x_t = self._draw(x0, schedule, generator, t, noise)
+        pred = self.predictions(network, x_t, t, generator)  # (M, B, ...)
+        target = schedule.target(x0, noise, t, self.parameterization)
+        raw = self._errors(pred.flatten(0, 1), target.repeat(reps)).reshape(M, B)
+        e = self._weights(schedule, t, raw) * raw  # (M, B), weight broadcasts over m
+        # float64 and centred on the mean: exact identities that keep large tau accurate
+        tau = self.taus(schedule, t, x0[0].numel()).to(device=e.device)
+        e64 = e.double()
+        centre = e64.mean(dim=0)
+        soft = torch.logsumexp(-(e64 - centre) / tau, dim=0) - math.log(M)
+        loss = (centre - tau * soft).mean().to(e.dtype)
+        logs = {
+            "loss": loss.detach(),
+            "loss_simple": raw.mean().detach(),
+            "loss_paper": e.mean().detach(),
+            "loss_min": e.min(dim=0).values.mean().detach(),
+            "tau": tau.mean().to(e.dtype).detach(),
+        }
+        return loss, logs
+
+
+class EnergyObjective(MultiEtaObjective):
+    """SMD "energy" objective: the energy score of each step's prediction (our extension).
+
+    SMD's step is exact when, for every ``x_t``, the prediction under a random ``eta`` is
+    distributed as the target under ``q(x_0 | x_t)`` (then the DDPM update turns it into a sample
+    of ``q(x_{t-1} | x_t)``). The energy score (Gneiting and Raftery 2007) is a strictly proper
+    scoring rule for that distribution: with ``M`` predictions ``p_1..p_M`` of one example and its
+    target ``y``,
+
+        ES = (1/M) sum_m ||p_m - y||^beta  -  1 / (2 M (M - 1)) sum_{m != m'} ||p_m - p_m'||^beta,
+
+    an unbiased estimate (for any ``M >= 2``) of ``E||P - y||^beta - E||P - P'||^beta / 2``, whose
+    expectation over ``y`` is minimised only by the true distribution (``0 < beta < 2``). It needs
+    no temperature and no kernel width, unlike the mixture bound. Norms are root-mean-square over
+    the dimensions (``||d|| = sqrt(mean(d^2) + 1e-8)``), so the score has the scale of the error;
+    the per-example loss is ``w(t) * ES`` with the usual weighting. Predictions are compared in the
+    parameterization's space; for a fixed ``x_t`` that space is an affine image of ``x_0`` space
+    with an isotropic scale, so the score stays proper, only re-weighted per ``t``.
+
+    Args:
+        parameterization: what the network predicts: "eps", "x0" or "v".
+        loss_weighting: "simple" (weight 1) or "min_snr" (Min-SNR-gamma).
+        min_snr_gamma: gamma of the Min-SNR weighting.
+        num_eta_samples: M >= 2, the eta draws per example.
+        beta: exponent of the score, in (0, 2); 1 is the usual energy score.
+        mean_weight: weight of the exponent-2 energy score added to it. That score's expectation
+            is ``||E p - y||^2``: it scores only the mean (the vanilla MSE's job), with the
+            quadratic gradient that learns the mean fast, and leaves the score proper.
+    """
+
+    def __init__(
+        self,
+        *,
+        parameterization: str = "eps",
+        loss_weighting: str = "simple",
+        min_snr_gamma: float = 5.0,
+        num_eta_samples: int = 4,
+        beta: float = 1.0,
+        mean_weight: float = 0.0,
+    ) -> None:
+        super().__init__(
+            parameterization=parameterization,
+            loss_weighting=loss_weighting,
+            min_snr_gamma=min_snr_gamma,
+            num_eta_samples=num_eta_samples,
+        )
+        if self.num_eta_samples < 2:
+            raise ValueError(
+                f"num_eta_samples={num_eta_samples!r}: the energy score needs at least 2 draws"
+            )
+        if isinstance(beta, bool) or not (isinstance(beta, int | float) and 0 < beta < 2):
+            raise ValueError(f"beta={beta!r} must be a number in (0, 2)")
+        self.beta = float(beta)
+        if isinstance(mean_weight, bool) or not (isinstance(mean_weight, int | float)
+                                                 and mean_weight >= 0):
+            raise ValueError(f"mean_weight={mean_weight!r} must be a number >= 0")
+        self.mean_weight = float(mean_weight)
+
+    def __repr__(self) -> str:
+        return f"{super().__repr__()[:-1]}, beta={self.beta!r})"
+
+    @staticmethod
+    def _norm(diff: torch.Tensor, beta: float) -> torch.Tensor:
+        """``||d||^beta`` with the RMS norm over all dims after the first two."""
+        ms = diff.square().flatten(2).mean(dim=2)
+        return ms if beta == 2 else (ms + 1e-8).pow(beta / 2)
+
+    def _score(self, pred: torch.Tensor, target: torch.Tensor, beta: float):
+        """Per-example (fit, spread) terms of the energy score with exponent ``beta``."""
+        M = pred.shape[0]
+        fit = self._norm(pred - target[None], beta).mean(dim=0)  # (B,)
+        i, j = torch.triu_indices(M, M, offset=1, device=pred.device)
+        spread = self._norm(pred[i] - pred[j], beta).mean(dim=0)  # mean over the M(M-1)/2 pairs
+        return fit, spread
+
+    def __call__(
+        self,
+        network: Network,
+        x0: torch.Tensor,
+        *,
+        schedule: NoiseSchedule,
+        generator: GeneratorLike,
+        t: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        t, noise, x_t = self._draw(x0, schedule, generator, t, noise)
+        pred = self.predictions(network, x_t, t, generator)  # (M, B, ...)
+        target = schedule.target(x0, noise, t, self.parameterization)
+        fit, spread = self._score(pred, target, self.beta)
+        score = fit - 0.5 * spread
+        if self.mean_weight:
+            fit2, spread2 = self._score(pred, target, 2.0)
+            score = score + self.mean_weight * (fit2 - 0.5 * spread2)
+        w = self._weights(schedule, t, score)
+        loss = (w * score).mean()
+        logs = {
+            "loss": loss.detach(),
+            "loss_simple": (pred - target[None]).square().mean().detach(),
+            "energy_fit": (w * fit).mean().detach(),
+            "energy_spread": (w * spread).mean().detach(),
+        }
+        return loss, logs
