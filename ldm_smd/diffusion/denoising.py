@@ -155,8 +155,18 @@ class DenoisingObjective:
         noise: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         t, noise, x_t = self._draw(x0, schedule, generator, t, noise)
-        pred = network(x_t, t, generator=generator)
+        pred = self.predictions(network, x_t, t, generator)
         target = schedule.target(x0, noise, t, self.parameterization)
+        return self.loss(pred, target, t, schedule)
+
+    def predictions(self, network: Network, x_t: torch.Tensor, t: torch.Tensor,
+                    generator: GeneratorLike) -> torch.Tensor:
+        """The network's prediction at ``(x_t, t)``; an SMD network draws one ``eta`` per row."""
+        return network(x_t, t, generator=generator)
+
+    def loss(self, pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor,
+             schedule: NoiseSchedule) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Scalar loss and logs from the predictions and the targets (same shape)."""
         raw = self._errors(pred, target)
         loss = (self._weights(schedule, t, raw) * raw).mean()
         logs = {"loss": loss.detach(), "loss_simple": raw.mean().detach()}

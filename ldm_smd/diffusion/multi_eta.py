@@ -55,7 +55,8 @@ class MultiEtaObjective(DenoisingObjective):
 
     def predictions(self, network: Network, x_t: torch.Tensor, t: torch.Tensor,
                     generator: GeneratorLike) -> torch.Tensor:
-        """The network's predictions under ``M`` draws of ``eta``: shape (M, B, ...)."""
+        """The network's predictions under ``M`` draws of ``eta``: shape (M, B, ...); the
+        :meth:`loss` of a subclass receives them with the targets (B, ...)."""
         M = self.num_eta_samples
         if M == 1:
             return network(x_t, t, generator=generator)[None]
@@ -176,25 +177,15 @@ class MixtureObjective(MultiEtaObjective):
         )
         return w / (num_dims * self.elbo_lambda(schedule, t))
 
-    def __call__(
-        self,
-        network: Network,
-        x0: torch.Tensor,
-        *,
-        schedule: NoiseSchedule,
-        generator: GeneratorLike,
-        t: torch.Tensor | None = None,
-        noise: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        B, M = x0.shape[0], self.num_eta_samples
-        reps = (M,) + (1,) * (x0.dim() - 1)
-        t, noise, x_t = self._draw(x0, schedule, generator, t, noise)
-        pred = self.predictions(network, x_t, t, generator)  # (M, B, ...)
-        target = schedule.target(x0, noise, t, self.parameterization)
-        raw = self._errors(pred.flatten(0, 1), target.repeat(reps)).reshape(M, B)
+    def loss(self, pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor,
+             schedule: NoiseSchedule) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The mixture bound from predictions (M, B, ...) and targets (B, ...)."""
+        M, B = pred.shape[:2]
+        raw = self._errors(pred.flatten(0, 1), target.repeat((M,) + (1,) * (target.dim() - 1)))
+        raw = raw.reshape(M, B)
         e = self._weights(schedule, t, raw) * raw  # (M, B), weight broadcasts over m
         # float64 and centred on the mean: exact identities that keep large tau accurate
-        tau = self.taus(schedule, t, x0[0].numel()).to(device=e.device)
+        tau = self.taus(schedule, t, target[0].numel()).to(device=e.device)
         e64 = e.double()
         centre = e64.mean(dim=0)
         soft = torch.logsumexp(-(e64 - centre) / tau, dim=0) - math.log(M)
@@ -284,19 +275,9 @@ class EnergyObjective(MultiEtaObjective):
         spread = self._norm(pred[i] - pred[j], beta).mean(dim=0)  # mean over the M(M-1)/2 pairs
         return fit, spread
 
-    def __call__(
-        self,
-        network: Network,
-        x0: torch.Tensor,
-        *,
-        schedule: NoiseSchedule,
-        generator: GeneratorLike,
-        t: torch.Tensor | None = None,
-        noise: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        t, noise, x_t = self._draw(x0, schedule, generator, t, noise)
-        pred = self.predictions(network, x_t, t, generator)  # (M, B, ...)
-        target = schedule.target(x0, noise, t, self.parameterization)
+    def loss(self, pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor,
+             schedule: NoiseSchedule) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The energy score from predictions (M, B, ...) and targets (B, ...)."""
         fit, spread = self._score(pred, target, self.beta)
         score = fit - 0.5 * spread
         if self.mean_weight:
