@@ -76,15 +76,26 @@ def atomic_write(path: str | Path, write: Callable[[Any], None]) -> Path:
             os.fsync(handle.fileno())
             _test_pause(path)
         os.replace(tmp_name, path)
-    except OSError as exc:
+    except BaseException as exc:
         Path(tmp_name).unlink(missing_ok=True)
+        # torch.save reports a full disk as a RuntimeError raised while handling the OSError
+        cause = _os_error_in(exc)
+        if cause is None:
+            raise
         kept = (f"the previous {path.name} there is unchanged" if existed
                 else "no partial file was left")
-        raise OutputError(f"could not write {describe_os_error(exc, path)}; {kept}") from exc
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+        raise OutputError(f"could not write {describe_os_error(cause, path)}; {kept}") from exc
     return path
+
+
+def _os_error_in(exc: BaseException | None) -> OSError | None:
+    """The ``OSError`` that ``exc`` is or was raised while handling (its context chain)."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, OSError):
+            return exc
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
 
 
 def check_writable(path: str | Path, *, what: str, folder: bool) -> Path:
@@ -167,10 +178,10 @@ def load_checkpoint(
                 f"checkpoint {path} is truncated or not a checkpoint: {_one_line(exc)}"
             ) from exc
         raise CheckpointError(
-            f"refused to load {path}: it asks to run code or build objects other than tensors "
-            f"and plain data, which weights-only loading does not allow ({_unpickler_reason(exc)})."
-            f" Convert it to safetensors where it was made, or load it only if you trust its "
-            f"source."
+            f"refused to load {path}: weights-only loading cannot read it "
+            f"({_unpickler_reason(exc)}): it asks to run code or to build objects other than "
+            "tensors and plain data, or it is no checkpoint at all. Convert it to safetensors "
+            "where it was made, or load it only if you trust its source."
         ) from exc
     except (RuntimeError, EOFError, OSError, KeyError, IndexError, ValueError,
             AttributeError) as exc:  # what torch.load raises on bytes that are no checkpoint
@@ -180,8 +191,12 @@ def load_checkpoint(
 
 
 def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+    """``Type: first line`` of an exception, cut after its first sentence when long."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else ""
+    if len(text) > 120 and ". " in text:
+        text = text[: text.index(". ") + 1]
+    return f"{type(exc).__name__}: {text}".rstrip(": ")
 
 
 def _unpickler_reason(exc: BaseException) -> str:

@@ -127,7 +127,8 @@ def _cmd_bench_mixture(args: argparse.Namespace) -> None:
     try:  # the benchmark's own config format: its complaints name the file
         load_config(args.config, quick=args.quick)
     except (ValueError, KeyError, FileNotFoundError, OSError) as exc:
-        raise ConfigError(f"{args.config}: {exc}") from exc
+        text = str(exc)
+        raise ConfigError(text if str(args.config) in text else f"{args.config}: {text}") from exc
     out = Path(args.out) if args.out else Path("runs") / "mixture" / Path(args.config).stem
     check_writable(out, what="--out", folder=True)
     result = run_mixture_benchmark(

@@ -378,6 +378,22 @@ def _check_preview_sampler(model: Any, config: dict[str, Any]) -> None:
                           "model.params.sampler.steps")
 
 
+def _remove_failed_start(run_dir: Path, before: set[Path], *, made_run_dir: bool) -> None:
+    """A new run that failed before its first step (say, an undecodable first batch) leaves
+    nothing behind: what this attempt wrote of :data:`RUN_ENTRIES` is removed, and the run
+    folder too when this attempt made it, so the same command can simply be run again."""
+    for name in RUN_ENTRIES:
+        path = run_dir / name
+        if path in before or not path.exists():
+            continue
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    if made_run_dir and not any(run_dir.iterdir()):
+        run_dir.rmdir()
+
+
 def _remove_new_empty_folders(run_dir: Path, before: set[Path]) -> None:
     """After a failed start, remove the (empty) folders this attempt made, e.g. a logger's."""
     for path in sorted(run_dir.rglob("*"), reverse=True):
@@ -470,6 +486,7 @@ def train(
         raise ConfigError(f"{config_path}: training needs a 'data' block")
     check_precision(dict(config.get("trainer") or {}))
     previous: list[str] = []
+    run_dir_existed = run_dir.exists()
     if _is_first_process():
         check_writable(run_dir, what="run_dir", folder=True)
         if ckpt_path is None:
@@ -500,8 +517,11 @@ def train(
     try:
         _fit(trainer, model, datamodule, ckpt_path=ckpt_path, run_dir=run_dir)
     except BaseException:
-        if run_dir.is_dir():
-            _remove_new_empty_folders(run_dir, before)
+        if run_dir.is_dir() and _is_first_process():
+            if ckpt_path is None and trainer.global_step == 0:
+                _remove_failed_start(run_dir, before, made_run_dir=not run_dir_existed)
+            else:
+                _remove_new_empty_folders(run_dir, before)
         raise
     last = run_dir / "checkpoints" / LAST
     # FinalCheckpoint wrote the final state unless no batch ran (every rank takes part)

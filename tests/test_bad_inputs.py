@@ -381,8 +381,8 @@ def test_corrupt_image_is_named(tmp_path, capsys):
                            *_folder_data(folder), f"run_dir={tmp_path}/r",
                            "data.params.shuffle=false", "data.params.batch_size=4")
     assert_named(code, err, "train", "broken.png")
-    with pytest.raises(CorruptImageError):
-        raise CorruptImageError("the class stays importable from its module")
+    # found in the first batch: the failed start leaves nothing, so the same command can rerun
+    assert not (tmp_path / "r").exists()
 
 
 # ----------------------------------------------------------------------------- sample
@@ -562,7 +562,8 @@ def test_eval_bad_inception_weights_are_named(tmp_path, capsys):
     weights.write_bytes(b"not a state dict at all" * 100)
     code, _, err = run_cli(capsys, "eval", "--samples", samples, "--ref", ref, "--min-samples",
                            "2", "--inception-weights", weights, "--out", tmp_path / "fid.json")
-    assert_named(code, err, "eval", f"FID Inception weights {weights} cannot be read")
+    assert_named(code, err, "eval", "FID Inception weights:", str(weights),
+                 "pt_inception-2015-12-05")
     assert not (tmp_path / "fid.json").exists()
 
 
@@ -601,6 +602,20 @@ def test_eval_prints_the_metrics_even_when_writing_them_fails(
     assert not out.exists()
 
 
+# ----------------------------------------------------------------------------- bench-mixture
+
+def test_bench_mixture_bad_config_or_out_is_named(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "bench-mixture", "--config", DEMO / "ldm-smd.yaml",
+                           "--quick", "--out", tmp_path / "b")
+    assert_named(code, err, "bench-mixture", str(DEMO / "ldm-smd.yaml"), "unknown top-level")
+    target = tmp_path / "a-file"
+    target.write_text("keep")
+    code, _, err = run_cli(capsys, "bench-mixture", "--config",
+                           ROOT / "configs" / "mixture" / "ring8.yaml", "--quick", "--out", target)
+    assert_named(code, err, "bench-mixture", f"--out {target} is a file")
+    assert not (tmp_path / "b").exists() and target.read_text() == "keep"
+
+
 # ----------------------------------------------------------------------------- the CLI itself
 
 def test_debug_flag_and_environment_variable_show_the_traceback(tmp_path, capsys, monkeypatch):
@@ -624,3 +639,15 @@ def test_every_named_error_derives_from_the_family():
                 OutputError, UsageError, TooFewSamples, EvalInputError, EvalInputMissing,
                 InceptionWeightsMissing, InceptionWeightsError):
         assert issubclass(cls, LdmSmdError), cls
+
+
+def test_sample_to_dir_checks_its_arguments_too(tmp_path, stage2):
+    from ldm_smd.errors import UsageError
+    from ldm_smd.sample import sample_to_dir
+
+    for kwargs, match in (({"steps": 0}, "--steps 0"), ({"n": 0}, "--n 0"),
+                          ({"ddim_eta": -1.0}, "--ddim-eta"), ({"steps": 11}, "T=10"),
+                          ({"sampler": "euler"}, "--sampler 'euler'")):
+        with pytest.raises(UsageError, match=match):
+            sample_to_dir(stage2, tmp_path / "s", progress=False, **kwargs)
+    assert not (tmp_path / "s").exists()

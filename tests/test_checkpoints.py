@@ -119,3 +119,22 @@ def test_failed_atomic_write_names_the_file_and_keeps_the_previous_one(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["c.ckpt"]  # no temporary left
     with pytest.raises(OutputError, match=r"cannot write .*c\.ckpt/x"):
         atomic_write(path / "x", lambda handle: handle.write(b"z"))  # a file in the way
+
+
+def test_a_full_disk_reported_by_torch_save_as_a_runtime_error_is_named(tmp_path):
+    import errno
+
+    from ldm_smd.errors import OutputError
+
+    def torch_like(handle):  # what torch.save raises when the disk fills mid-write
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos")  # noqa: B904 (as torch does)
+
+    with pytest.raises(OutputError, match=r"x\.ckpt: No space left on device; no partial file"):
+        atomic_write(tmp_path / "x.ckpt", torch_like)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(RuntimeError, match="a bug"):  # anything else keeps its type
+        atomic_write(tmp_path / "y.ckpt", lambda handle: (_ for _ in ()).throw(
+            RuntimeError("a bug")))

@@ -162,8 +162,7 @@ class FIDInception(nn.Module):
             state = load_checkpoint(path, map_location="cpu")
         except CheckpointError as exc:
             raise InceptionWeightsError(
-                f"FID Inception weights {path} cannot be read ({exc}); expected {WEIGHTS_NAME} "
-                f"from {WEIGHTS_URL}"
+                f"FID Inception weights: {exc} (expected {WEIGHTS_NAME} from {WEIGHTS_URL})"
             ) from exc
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
