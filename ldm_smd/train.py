@@ -88,7 +88,8 @@ HARMLESS_WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
 #: Lightning's info lines that say nothing about this run (banners, tips, its own stop line:
 #: the end of ``train`` prints what ran), dropped by their start
 HARMLESS_INFO = (
-    "GPU available:", "TPU available:", "HPU available:", "💡 Tip:", "`Trainer.fit` stopped:",
+    "GPU available:", "TPU available:", "HPU available:", "LOCAL_RANK:", "💡 Tip:",
+    "`Trainer.fit` stopped:",
     "Restoring states from the checkpoint path", "Restored all states from the checkpoint",
 )
 
