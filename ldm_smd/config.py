@@ -378,6 +378,12 @@ def validate_config(config: Mapping[str, Any], *, source: str = "config") -> Non
     if trainer:
         from lightning import Trainer
 
+        ours = sorted(set(trainer) & set(TRAINER_SET_BY_US))
+        if ours:
+            raise ConfigError(
+                f"trainer.{ours[0]}: set by ldm-smd itself (from run_dir and the checkpoint and "
+                "logging blocks); remove it from the trainer block"
+            )
         check_arguments(trainer, Trainer, key="trainer", label="lightning.Trainer",
                         excluded=TRAINER_SET_BY_US)
     _check_section(config, "checkpoint", CHECKPOINT_KEYS)

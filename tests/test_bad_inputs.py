@@ -119,6 +119,7 @@ def _finished_run(stage2: Path, dst: Path) -> Path:
     ("trainer.max_steps=abc", ["trainer.max_steps", "expected int", "'abc'"]),
     ("trainer.precision=33", ["trainer.precision", "'bf16-mixed'", "got int 33"]),
     ("trainer.enable_progress_bar=maybe", ["trainer.enable_progress_bar", "bool"]),
+    ("trainer.logger=false", ["trainer.logger", "set by ldm-smd itself"]),
     # plain-mapping blocks against the callables they feed
     ("model.params.schedule.num_timesteps=abc",
      ["model.params.schedule.num_timesteps", "expected int", "'abc'"]),
