@@ -7,7 +7,11 @@
 - :class:`RngStates`: the global torch / numpy / ``random`` (and CUDA) RNG states travel in the
   checkpoint, so code that draws from them (dropout, a dataset's own augmentation) resumes exactly.
 - :class:`FinalCheckpoint`: writes ``last.ckpt`` after the final batch, resumable exactly.
+- :class:`PeriodicCheckpoint`: Lightning's ``ModelCheckpoint`` (``step=N.ckpt`` and ``last.ckpt``
+  every N steps) that leaves the final ``last.ckpt`` to :class:`FinalCheckpoint`.
 - :class:`SampleGrid`: writes (and logs) a grid of samples every ``every_n_steps`` steps.
+- :func:`progress_bar`: Lightning's own bar (Rich when installed, else tqdm) with a total that
+  counts the steps still to run (also after a mid-epoch resume) and no ``Epoch 0/-2``.
 """
 
 from __future__ import annotations
@@ -20,9 +24,12 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from ldm_smd.checkpoints import atomic_write, load_checkpoint
+from ldm_smd.errors import LdmSmdError
 from ldm_smd.images import save_grid
 from ldm_smd.rng import row_generators
 
@@ -41,7 +48,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return load_checkpoint(path, map_location=map_location or "cpu")
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(LdmSmdError, RuntimeError):
     """Training produced a non-finite loss or gradient."""
 
 
@@ -187,7 +194,25 @@ class FinalCheckpoint(L.Callback):
             and trainer.current_epoch + 1 >= loop.max_epochs
         )
         if last_step or last_epoch:
-            trainer.save_checkpoint(str(self.path))
+            trainer.save_checkpoint(str(self.path), weights_only=False)  # a full, resumable one
+
+
+class PeriodicCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` without its save at the end of ``fit``.
+
+    Lightning saves ``last`` once more when training ends (if no periodic save wrote one), in a
+    state that marks the epoch as finished; :class:`FinalCheckpoint` has already written
+    ``last.ckpt`` at the last batch (resumable exactly), so that save would replace it, or, with
+    Lightning's version counter, add a ``last-v1.ckpt`` beside it. Build it with
+    ``enable_version_counter=False`` so ``last.ckpt`` is always the one file. The state key is
+    ``ModelCheckpoint``'s, so checkpoints written before this class existed resume unchanged.
+    """
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        return None
+
+    def _generate_state_key(self, **kwargs: Any) -> str:
+        return f"ModelCheckpoint{kwargs!r}"
 
 
 class SampleGrid(L.Callback):
@@ -230,3 +255,54 @@ class SampleGrid(L.Callback):
         step = trainer.global_step
         if self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0:
             self._write(trainer, pl_module)
+
+
+class _StepTotals:
+    """Progress-bar fixes for step-limited runs (``max_steps`` set, ``max_epochs = -1``).
+
+    Lightning's bar sizes an epoch as ``min(batches per epoch, max_steps - global_step)`` but
+    counts from the batch index inside the epoch, so after a mid-epoch resume at step 80 it reads
+    ``81/49``; and the Rich bar labels the epoch ``0/-2`` (``max_epochs - 1``). Here the total
+    adds the batches already done in the epoch, the label is ``Epoch N`` when there is no epoch
+    limit, and the logger version (``v_num``) is not shown.
+    """
+
+    trainer: L.Trainer
+
+    @property
+    def total_train_batches(self) -> int | float:
+        trainer = self.trainer
+        total = trainer.num_training_batches
+        if trainer.max_steps is not None and trainer.max_steps > 0:
+            done = int(trainer.fit_loop.epoch_loop.batch_progress.current.ready)
+            remaining = max(0, trainer.max_steps - trainer.global_step)
+            total = min(total, done + remaining)
+        return total
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        max_epochs = self.trainer.max_epochs
+        label = f"Epoch {current_epoch}"
+        if max_epochs is not None and max_epochs > 0:
+            label += f"/{max_epochs - 1}"
+        width = len(getattr(self, "validation_description", ""))
+        return f"{label:{width}}" if width > len(label) else label
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        items = super().get_metrics(trainer, pl_module)  # type: ignore[misc]
+        items.pop("v_num", None)
+        return items
+
+
+class StepTQDMProgressBar(_StepTotals, TQDMProgressBar):
+    """Lightning's tqdm bar with :class:`_StepTotals`' fixes."""
+
+
+class StepRichProgressBar(_StepTotals, RichProgressBar):
+    """Lightning's Rich bar with :class:`_StepTotals`' fixes."""
+
+
+def progress_bar() -> ProgressBar:
+    """The bar Lightning would pick (Rich when installed, else tqdm), with the fixes above."""
+    from lightning.pytorch.callbacks.progress.rich_progress import _RICH_AVAILABLE
+
+    return StepRichProgressBar() if _RICH_AVAILABLE else StepTQDMProgressBar()

@@ -1,27 +1,84 @@
-"""The ``ldm-smd`` command line: argument parsing only, then calls into the package.
+"""The ``ldm-smd`` command line: argument parsing, then one call into the package.
 
-    ldm-smd train --config FILE [key.path=value ...] [--resume RUN_DIR_OR_CKPT]
-    ldm-smd sample --ckpt PATH [--sampler ddpm|ddim|dpmpp] [--steps N] [--n N] [--seed S] --out DIR
-    ldm-smd scale-factor --ckpt STAGE1 --config DATA.yaml [--batches N] [--write STAGE2.yaml]
-    ldm-smd eval --samples DIR --ref DIR_OR_NPZ [--out FILE.json]
-    ldm-smd bench-mixture --config configs/mixture/NAME.yaml [--out DIR]
+Only the standard library is imported here; each command imports what it needs when it runs, so
+``ldm-smd --help`` answers at once. Every named error (:class:`ldm_smd.errors.LdmSmdError`) is
+printed as ``ldm-smd CMD: error: MESSAGE`` with exit status 2, like argparse's own errors; the
+traceback is printed too with ``--debug`` or ``LDM_SMD_DEBUG=1``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 from collections.abc import Sequence
-from pathlib import Path
+
+DESCRIPTION = (
+    "Latent diffusion with Soft Mixture Denoising (Li, van Breugel, van der Schaar, ICLR 2024):\n"
+    "train, sample, estimate the latent scale factor, evaluate."
+)
+DEBUG_ENV = "LDM_SMD_DEBUG"  # the same name as ldm_smd.errors.DEBUG_ENV (not imported: startup)
+EPILOG = f"""\
+example:
+  ldm-smd train --config configs/demo/autoencoder.yaml
+
+`ldm-smd CMD --help` shows a command's options, defaults and an example. Errors are one line,
+`ldm-smd CMD: error: ...`, exit status 2; --debug (or {DEBUG_ENV}=1) adds the traceback."""
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the examples' layout and adds ``(default: X)`` where an option has a default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            "%(default)" not in text
+            and default is not None
+            and default is not False
+            and default is not argparse.SUPPRESS
+            and action.option_strings
+            and action.nargs != 0
+        ):
+            text += " (default: %(default)s)"
+        return text
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argparse parser whose errors are the one line ``PROG: error: MESSAGE`` (exit 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+# ----------------------------------------------------------------------------- commands
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
     from ldm_smd.train import train
 
-    if args.config is None and args.resume is None:
-        raise SystemExit("ldm-smd train: give --config FILE (or --resume RUN_DIR)")
-    result = train(args.config, args.overrides, resume=args.resume)
-    print(f"[ldm-smd] run folder: {result['run_dir']}")
+    train(args.config, args.overrides, resume=args.resume, overwrite=args.overwrite)
 
 
 def _cmd_sample(args: argparse.Namespace) -> None:
@@ -31,6 +88,7 @@ def _cmd_sample(args: argparse.Namespace) -> None:
         args.ckpt, args.out, n=args.n, steps=args.steps, sampler=args.sampler,
         spacing=args.spacing, ddim_eta=args.ddim_eta, seed=args.seed, batch_size=args.batch_size,
         use_ema=not args.no_ema, device=args.device, progress=not args.no_progress,
+        overwrite=args.overwrite,
     )
     print(f"[ldm-smd] {args.n} samples in {result['seconds']:.1f} s")
     print(f"[ldm-smd] grid: {result['grid']}")
@@ -47,17 +105,32 @@ def _cmd_scale_factor(args: argparse.Namespace) -> None:
 def _cmd_eval(args: argparse.Namespace) -> None:
     from ldm_smd.eval.evaluate import evaluate, format_result
 
-    metrics = evaluate(
+    def report(metrics: dict) -> None:
+        print(format_result(metrics), flush=True)
+
+    evaluate(
         args.samples, args.ref, out_json=args.out, batch_size=args.batch_size,
         device=args.device, weights_path=args.inception_weights, min_samples=args.min_samples,
+        report=report,
     )
-    print(format_result(metrics))
+    if args.out:
+        print(f"[ldm-smd] metrics written to {args.out}")
 
 
 def _cmd_bench_mixture(args: argparse.Namespace) -> None:
-    from ldm_smd.eval.mixture_bench import run_mixture_benchmark
+    from pathlib import Path
 
-    out = args.out or Path("runs") / "mixture" / Path(args.config).stem
+    from ldm_smd.checkpoints import check_writable
+    from ldm_smd.config import ConfigError
+    from ldm_smd.eval.mixture_bench import load_config, run_mixture_benchmark
+
+    try:  # the benchmark's own config format: its complaints name the file
+        load_config(args.config, quick=args.quick)
+    except (ValueError, KeyError, FileNotFoundError, OSError) as exc:
+        text = str(exc)
+        raise ConfigError(text if str(args.config) in text else f"{args.config}: {text}") from exc
+    out = Path(args.out) if args.out else Path("runs") / "mixture" / Path(args.config).stem
+    check_writable(out, what="--out", folder=True)
     result = run_mixture_benchmark(
         args.config, out_dir=out, quick=args.quick, seeds=args.seeds, T_list=args.T,
         workers=args.workers,
@@ -66,70 +139,166 @@ def _cmd_bench_mixture(args: argparse.Namespace) -> None:
     print(f"[ldm-smd] mixture benchmark written to {out}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ldm-smd", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+# ----------------------------------------------------------------------------- the parser
 
-    p = sub.add_parser("train", help="train stage 1 or stage 2 from a config")
-    p.add_argument("--config", help="YAML config (target/params blocks)")
-    p.add_argument("--resume", help="run folder or checkpoint to resume exactly")
-    p.add_argument("overrides", nargs="*", help="key.path=value overrides")
+
+def _command(sub: argparse._SubParsersAction, name: str, summary: str, example: str,
+             notes: str = "") -> argparse.ArgumentParser:
+    epilog = f"example:\n  {example}" + (f"\n\n{notes}" if notes else "")
+    p = sub.add_parser(name, help=summary, description=summary, epilog=epilog,
+                       formatter_class=_Formatter)
+    p.add_argument("--debug", action="store_true",
+                   help=f"print the full traceback of an error (or set {DEBUG_ENV}=1)")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="ldm-smd", description=DESCRIPTION, epilog=EPILOG,
+                     formatter_class=_Formatter)
+    parser.add_argument("--debug", action="store_true", dest="debug_all",
+                        help=f"print the full traceback of an error (or set {DEBUG_ENV}=1)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=_Parser)
+
+    p = _command(
+        sub, "train", "train stage 1 or stage 2 from a config",
+        "ldm-smd train --config configs/demo/autoencoder.yaml trainer.max_steps=200",
+        "A run_dir that already holds a run is refused: continue it with --resume RUN_DIR,\n"
+        "start it over with --overwrite, or give another run_dir=...",
+    )
+    p.add_argument("--config", metavar="FILE",
+                   help="YAML config (target/params blocks); with --resume, default: the run "
+                        "folder's config.yaml")
+    p.add_argument("--resume", metavar="RUN_DIR|CKPT",
+                   help="continue a run exactly, from its folder (checkpoints/last.ckpt) or "
+                        "a checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete the run already in run_dir (config.yaml, checkpoints/, logs/, "
+                        "samples/) once every check passed, then train anew")
+    p.add_argument("overrides", nargs="*", metavar="KEY.PATH=VALUE",
+                   help="config overrides (a mapping replaces the whole block); ~KEY.PATH "
+                        "deletes a key")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("sample", help="sample from a stage-2 checkpoint")
-    p.add_argument("--ckpt", required=True)
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--n", type=int, default=16)
-    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: all)")
-    p.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp"], default=None)
-    p.add_argument("--spacing", choices=["uniform", "trailing", "quadratic"], default=None)
-    p.add_argument("--ddim-eta", type=float, default=None, help="DDIM stochasticity")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default=None)
+    p = _command(
+        sub, "sample", "sample images from a stage-2 checkpoint",
+        "ldm-smd sample --ckpt runs/demo/ldm-smd/checkpoints/last.ckpt --sampler ddim "
+        "--steps 50 --n 64 --out samples/run1",
+        "Writes OUT/grid.png, OUT/images/000000.png ... and OUT/samples.npz. Sample i of seed S\n"
+        "comes from its own generator, seeded derive_seed(S, i): the same files for any\n"
+        "--batch-size, and unrelated sets for different seeds.",
+    )
+    p.add_argument("--ckpt", required=True, metavar="CKPT", help="stage-2 checkpoint (.ckpt)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="output folder: new or empty (see --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="first remove the previous samples in --out (grid.png, samples.npz, "
+                        "images/); a folder holding other files is still refused")
+    p.add_argument("--n", type=_positive, default=16, help="number of samples")
+    p.add_argument("--steps", type=_positive, default=None,
+                   help="sampler steps, 1..T (default: the checkpoint's sampler.steps, else T)")
+    p.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp"], default=None,
+                   help="sampler (default: the checkpoint's sampler.name)")
+    p.add_argument("--spacing", choices=["uniform", "trailing", "quadratic"], default=None,
+                   help="timestep spacing (default: the checkpoint's, else uniform)")
+    p.add_argument("--ddim-eta", type=_non_negative_float, default=None, metavar="ETA",
+                   help="DDIM stochasticity: 0 deterministic, 1 DDPM-like (default: the "
+                        "checkpoint's, else 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the whole set of samples")
+    p.add_argument("--batch-size", type=_positive, default=16,
+                   help="samples per batch (does not change the samples)")
+    p.add_argument("--device", default=None,
+                   help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda when available, "
+                        "else cpu)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.set_defaults(func=_cmd_sample)
 
-    p = sub.add_parser("scale-factor", help="estimate 1/std of a first stage's latents")
-    p.add_argument("--ckpt", required=True, help="first stage: checkpoint or diffusers folder")
-    p.add_argument("--config", required=True, help="a config whose data block gives images")
-    p.add_argument("--batches", type=int, default=8)
-    p.add_argument("--write", default=None, help="stage-2 config to write the value into")
+    p = _command(
+        sub, "scale-factor", "estimate 1/std of a first stage's latents",
+        "ldm-smd scale-factor --ckpt runs/demo/autoencoder/checkpoints/last.ckpt "
+        "--config configs/demo/autoencoder.yaml --write my-stage2.yaml",
+        "Prints the value. --write stores it as model.params.scale_factor of a stage-2 config\n"
+        "(one whose model takes a scale_factor and has a first stage); the value in a config\n"
+        "wins over the first stage's own (a diffusers VAE's scaling_factor).",
+    )
+    p.add_argument("--ckpt", required=True, metavar="CKPT|DIR",
+                   help="first stage: our stage-1 .ckpt, a CompVis model.ckpt or a diffusers "
+                        "AutoencoderKL folder")
+    p.add_argument("--config", required=True, metavar="FILE",
+                   help="a config whose data block gives the images")
+    p.add_argument("--batches", type=_positive, default=8, help="batches of data to use")
+    p.add_argument("--write", default=None, metavar="STAGE2.yaml",
+                   help="stage-2 config to write the value into (default: only print it)")
     p.set_defaults(func=_cmd_scale_factor)
 
-    p = sub.add_parser("eval", help="FID / KID / precision-recall of a sample folder")
-    p.add_argument("--samples", required=True)
-    p.add_argument("--ref", required=True, help="folder of reference images or a stats .npz")
-    p.add_argument("--out", default=None, help="JSON file for the metrics")
-    p.add_argument("--batch-size", type=int, default=50)
-    p.add_argument("--device", default=None)
-    p.add_argument("--inception-weights", default=None)
-    p.add_argument("--min-samples", type=int, default=2048)
+    p = _command(
+        sub, "eval", "FID / KID / precision-recall of a sample folder",
+        "ldm-smd eval --samples samples/run1/images --ref data/cifar10/train --out fid.json",
+        "Needs the pytorch-fid Inception weights (pt_inception-2015-12-05-6726825d.pth) in\n"
+        "$TORCH_HOME/hub/checkpoints/, $LDM_SMD_INCEPTION_WEIGHTS or --inception-weights.\n"
+        "The metrics are printed, and also written to --out when given.",
+    )
+    p.add_argument("--samples", required=True, metavar="DIR|NPZ",
+                   help="folder of PNG samples, or a uint8 (N, H, W, C) .npz")
+    p.add_argument("--ref", required=True, metavar="DIR|NPZ",
+                   help="folder of reference images or a statistics .npz (mu, sigma)")
+    p.add_argument("--out", default=None, metavar="FILE.json",
+                   help="also write the metrics to this JSON file (default: print only)")
+    p.add_argument("--batch-size", type=_positive, default=50, help="Inception batch size")
+    p.add_argument("--device", default=None,
+                   help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--inception-weights", default=None, metavar="FILE",
+                   help="the Inception weights file (default: $LDM_SMD_INCEPTION_WEIGHTS, then "
+                        "the torch hub cache)")
+    p.add_argument("--min-samples", type=_positive, default=2048,
+                   help="fewer samples is an error; FID needs 2048 (lower only for smoke tests)")
     p.set_defaults(func=_cmd_eval)
 
-    p = sub.add_parser("bench-mixture", help="Gaussian-mixture benchmark with known truth")
-    p.add_argument("--config", required=True)
-    p.add_argument("--out", default=None)
+    p = _command(
+        sub, "bench-mixture", "Gaussian-mixture benchmark with known truth",
+        "ldm-smd bench-mixture --config configs/mixture/ring8.yaml --quick",
+    )
+    p.add_argument("--config", required=True, metavar="FILE",
+                   help="benchmark config (configs/mixture/*.yaml)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="output folder (default: runs/mixture/CONFIG_NAME)")
     p.add_argument("--quick", action="store_true", help="tiny smoke-test budget")
-    p.add_argument("--seeds", type=int, nargs="+", default=None, help="override the seeds")
-    p.add_argument("--T", type=int, nargs="+", default=None, help="override the list of T")
-    p.add_argument("--workers", type=int, default=None, help="parallel training processes")
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="override the config's seeds")
+    p.add_argument("--T", type=_positive, nargs="+", default=None,
+                   help="override the config's list of T")
+    p.add_argument("--workers", type=_positive, default=None,
+                   help="parallel training processes (default: the config's bench.workers)")
     p.set_defaults(func=_cmd_bench_mixture)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from ldm_smd.callbacks import NonFiniteError
-    from ldm_smd.checkpoints import CheckpointError
-    from ldm_smd.config import ConfigError
-    from ldm_smd.data.decode import CorruptImageError
+    """Run one command; returns the exit status (0, or 2 for a named or usage error)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2), already printed
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    from ldm_smd.errors import WRITE_ERRNOS, LdmSmdError, describe_os_error
 
-    args = build_parser().parse_args(argv)
+    debug = args.debug or args.debug_all or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
         args.func(args)
-    except (ConfigError, CheckpointError, FileNotFoundError, NonFiniteError,
-            CorruptImageError) as exc:
-        print(f"ldm-smd {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    except LdmSmdError as exc:
+        error: BaseException = exc
+        message = str(exc)
+    except OSError as exc:  # a write that no named check caught: still one line, naming the path
+        if exc.errno not in WRITE_ERRNOS:
+            raise
+        error, message = exc, f"could not write {describe_os_error(exc)}"
+    else:
+        return 0
+    if debug:
+        traceback.print_exception(error)
+    print(f"ldm-smd {args.command}: error: {message}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -32,6 +32,8 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from ldm_smd.errors import LdmSmdError
+
 TOP_LEVEL_KEYS = {
     "seed": "integer seed of the run",
     "run_dir": "folder for checkpoints, logs and samples",
@@ -42,6 +44,8 @@ TOP_LEVEL_KEYS = {
     "logging": "loggers (tensorboard, csv: bool) and sample grids (sample_every_n_steps, sample_n)",
     "nan_guard": "non-finite loss or gradient: action (stop | skip), max_skips",
 }
+#: lightning.Trainer arguments that train.py sets itself (from the run_dir and the other blocks)
+TRAINER_SET_BY_US = ("default_root_dir", "logger", "callbacks", "plugins")
 CHECKPOINT_KEYS = {"every_n_train_steps": int, "save_top_k": int}
 LOGGING_KEYS = {"tensorboard": bool, "csv": bool, "sample_every_n_steps": int, "sample_n": int}
 NAN_GUARD_KEYS = {"action": str, "max_skips": int}
@@ -50,8 +54,41 @@ NAN_GUARD_KEYS = {"action": str, "max_skips": int}
 _EXPONENT_FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
 
 
-class ConfigError(ValueError):
+class ConfigError(LdmSmdError, ValueError):
     """A config names an unknown key, a wrong type or an unimportable target."""
+
+
+#: Parameters given as a plain mapping (not a target/params block) whose entries are the keyword
+#: arguments of another callable, which the receiving class builds itself. Their keys and value
+#: types are checked against that callable's signature like a block's ``params``. The value is
+#: ``(dotted path, excluded keys)``; a dotted path naming a dict is a family picked by the
+#: mapping's ``name`` entry (its default is the callable the family maps ``None`` to). Keyed by
+#: ``(target, parameter)``; validation only (building is unchanged).
+MAPPING_PARAMS: dict[tuple[str, str], tuple[str, tuple[str, ...]]] = {
+    ("ldm_smd.models.diffusion.LatentDiffusion", "schedule"):
+        ("ldm_smd.diffusion.schedule.NoiseSchedule", ()),
+    ("ldm_smd.models.diffusion.LatentDiffusion", "objective"):
+        ("ldm_smd.diffusion.objectives.OBJECTIVES", ("parameterization",)),
+    ("ldm_smd.models.diffusion.LatentDiffusion", "sampler"):
+        ("ldm_smd.config.SamplerOptions", ()),
+    ("ldm_smd.models.autoencoder.AutoencoderKL", "ddconfig"):
+        ("ldm_smd.nn.autoencoder.Encoder", ()),
+    ("ldm_smd.data.datamodule.ImageDataModule", "batch_augment"):
+        ("ldm_smd.data.transforms.BatchAugment", ()),
+}
+#: the default ``name`` of a family mapping (``objective``) when the mapping gives none
+FAMILY_DEFAULTS = {"ldm_smd.diffusion.objectives.OBJECTIVES": "vanilla"}
+
+
+def SamplerOptions(  # noqa: N802 - a signature for validation, named like the classes above
+    *,
+    name: typing.Literal["ddpm", "ddim", "dpmpp"] = "ddpm",
+    steps: int | None = None,
+    spacing: typing.Literal["uniform", "trailing", "quadratic"] = "uniform",
+    ddim_eta: float = 0.0,
+) -> dict[str, Any]:
+    """The ``model.params.sampler`` block of a diffusion model (preview/default sampler)."""
+    return {"name": name, "steps": steps, "spacing": spacing, "ddim_eta": ddim_eta}
 
 
 # ----------------------------------------------------------------------------- loading
@@ -168,6 +205,13 @@ def _signature_params(obj: Any) -> tuple[dict[str, inspect.Parameter], dict[str,
 
 
 def _type_name(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(annotation))
+    if origin is typing.Literal:
+        return " | ".join(repr(v) for v in typing.get_args(annotation))
+    if annotation is type(None):
+        return "None"
     if isinstance(annotation, type):
         return annotation.__name__
     return str(annotation).replace("typing.", "")
@@ -240,6 +284,9 @@ def validate_spec(spec: Any, *, key: str) -> None:
         if is_spec(value):
             validate_spec(value, key=pkey)
         elif isinstance(value, Mapping):
+            schema = MAPPING_PARAMS.get((spec["target"], name))
+            if schema is not None:
+                validate_mapping(value, key=pkey, schema=schema)
             for sub, subvalue in value.items():
                 if is_spec(subvalue):
                     validate_spec(subvalue, key=f"{pkey}.{sub}")
@@ -252,6 +299,45 @@ def validate_spec(spec: Any, *, key: str) -> None:
         raise ConfigError(
             f"{key}.params: missing required parameter(s) {missing} of {spec['target']}"
         )
+
+
+def validate_mapping(
+    value: Mapping[str, Any], *, key: str, schema: tuple[str, tuple[str, ...]]
+) -> None:
+    """Check a plain-mapping parameter (see :data:`MAPPING_PARAMS`) against its callable."""
+    path, excluded = schema
+    target = import_target(path, key=f"{key} (schema)")
+    entries = dict(value)
+    label = path
+    if isinstance(target, Mapping):  # a family: {name: callable}
+        name = entries.pop("name", FAMILY_DEFAULTS.get(path))
+        if name not in target:
+            raise ConfigError(
+                f"{key}.name: {name!r} is not one of: {', '.join(map(str, target))}"
+            )
+        target, label = target[name], f"{key.rsplit('.', 1)[-1]} {name!r}"
+    check_arguments(entries, target, key=key, label=label, excluded=excluded)
+
+
+def check_arguments(
+    values: Mapping[str, Any], target: Any, *, key: str, label: str,
+    excluded: Sequence[str] = (),
+) -> None:
+    """Every entry of ``values`` is a keyword argument of ``target`` of the annotated type."""
+    accepted, hints, takes_kwargs = _signature_params(target)
+    accepted = {n: p for n, p in accepted.items() if n not in excluded}
+    valid = ", ".join(sorted(accepted)) or "(none)"
+    for name, item in values.items():
+        if name not in accepted:
+            if takes_kwargs:
+                continue
+            raise ConfigError(f"{key}.{name}: unknown key of {label}; valid: {valid}")
+        annotation = hints.get(name, inspect.Parameter.empty)
+        if not check_type(item, annotation):
+            raise ConfigError(
+                f"{key}.{name}: expected {_type_name(annotation)}, got {type(item).__name__} "
+                f"{item!r}"
+            )
 
 
 def _check_section(config: Mapping[str, Any], name: str, allowed: dict[str, type]) -> None:
@@ -292,13 +378,14 @@ def validate_config(config: Mapping[str, Any], *, source: str = "config") -> Non
     if trainer:
         from lightning import Trainer
 
-        accepted, _, _ = _signature_params(Trainer)
-        for key in trainer:
-            if key not in accepted:
-                raise ConfigError(
-                    f"trainer.{key}: unknown lightning.Trainer argument; valid: "
-                    + ", ".join(sorted(accepted))
-                )
+        ours = sorted(set(trainer) & set(TRAINER_SET_BY_US))
+        if ours:
+            raise ConfigError(
+                f"trainer.{ours[0]}: set by ldm-smd itself (from run_dir and the checkpoint and "
+                "logging blocks); remove it from the trainer block"
+            )
+        check_arguments(trainer, Trainer, key="trainer", label="lightning.Trainer",
+                        excluded=TRAINER_SET_BY_US)
     _check_section(config, "checkpoint", CHECKPOINT_KEYS)
     _check_section(config, "logging", LOGGING_KEYS)
     _check_section(config, "nan_guard", NAN_GUARD_KEYS)

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from ldm_smd.checkpoints import atomic_write
+from ldm_smd.errors import OutputError, describe_os_error
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -49,12 +50,25 @@ def save_grid(images: torch.Tensor, path: str | Path, *, nrow: int = 8) -> Path:
 
 
 def save_singles(images: torch.Tensor, folder: str | Path, *, start: int = 0) -> list[Path]:
-    """Write each image as ``folder/000123.png`` numbered from ``start``."""
+    """Write each image as ``folder/000123.png`` numbered from ``start``.
+
+    A failed write (disk full, ...) is an :class:`OutputError` naming the file; the images
+    written before it are kept and the half-written file is removed.
+    """
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for i, array in enumerate(to_uint8(images)):
-        path = folder / f"{start + i:06d}.png"
-        _pil(array).save(path, format="PNG")
-        paths.append(path)
+    path = folder
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, array in enumerate(to_uint8(images)):
+            path = folder / f"{start + i:06d}.png"
+            _pil(array).save(path, format="PNG")
+            paths.append(path)
+    except OSError as exc:
+        if path != folder:
+            path.unlink(missing_ok=True)
+        raise OutputError(
+            f"could not write {describe_os_error(exc, path)}; the {start + len(paths)} images "
+            f"before it in {folder} are kept"
+        ) from exc
     return paths

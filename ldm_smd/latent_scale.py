@@ -95,25 +95,60 @@ def _edit_in_place(text: str, value: float) -> str | None:
     return "".join(lines)
 
 
+def check_stage2_config(config_path: str | Path) -> tuple[str, dict]:
+    """``(text, parsed)`` of a config that can take ``model.params.scale_factor``: its model
+    block is a stage-2 model (the target accepts ``scale_factor``) with a real first stage.
+    Raises :class:`ConfigError` naming the file otherwise, and for a file that cannot be
+    written."""
+    from ldm_smd.config import ConfigError, import_target
+
+    path = Path(config_path)
+    if not path.is_file():
+        raise ConfigError(f"--write {path}: config not found")
+    original = path.read_text()
+    try:
+        config = yaml.safe_load(original)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--write {path} could not be parsed: {exc}") from exc
+    model = config.get("model") if isinstance(config, dict) else None
+    if not isinstance(model, dict):
+        raise ConfigError(f"--write {path}: no 'model' block to put model.params.scale_factor in")
+    params = model.get("params")
+    if params is not None and not isinstance(params, dict):
+        raise ConfigError(f"--write {path}: model.params is not a mapping ({params!r})")
+    target = model.get("target")
+    accepted = ()
+    if isinstance(target, str):
+        import inspect
+
+        cls = import_target(target, key=f"--write {path}: model.target")
+        accepted = tuple(inspect.signature(cls).parameters)
+    if "scale_factor" not in accepted:
+        raise ConfigError(
+            f"--write {path}: model.target {target} is not a stage-2 (latent diffusion) model "
+            "and takes no scale_factor; give the stage-2 config that uses this first stage"
+        )
+    if (params or {}).get("first_stage", "identity") == "identity":
+        raise ConfigError(
+            f"--write {path}: model.params.first_stage is 'identity' (pixel space), where the "
+            "scale factor is not used; set model.params.first_stage to this first stage first"
+        )
+    return original, config
+
+
 def write_scale_factor(config_path: str | Path, value: float) -> Path:
-    """Set ``model.params.scale_factor`` in the YAML file ``config_path`` to ``value``.
+    """Set ``model.params.scale_factor`` in the stage-2 YAML file ``config_path`` to ``value``.
 
     The file is edited in place where its layout allows (comments and order kept), otherwise
     re-serialised; either way the result is checked to parse to the old content plus the new
     value. The new file is written to a temporary name in the same folder, then renamed.
+    A config that is not a stage-2 one is refused (:func:`check_stage2_config`).
     """
     path = Path(config_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"write_scale_factor: config {path} not found")
-    original = path.read_text()
-    config = yaml.safe_load(original)
-    model = config.get("model") if isinstance(config, dict) else None
-    if not isinstance(model, dict):
-        raise KeyError(f"{path}: no 'model' block to put model.params.scale_factor in")
+    original, config = check_stage2_config(path)
+    model = config["model"]
     if model.get("params") is None:
         model["params"] = {}
-    if not isinstance(model["params"], dict):
-        raise KeyError(f"{path}: model.params is not a mapping ({model['params']!r})")
     value = float(value)
     model["params"]["scale_factor"] = value
     text = _edit_in_place(original, value)
@@ -126,18 +161,32 @@ def scale_factor_command(
     ckpt: str | Path, config_path: str | Path, *, batches: int = 8, write: str | Path | None = None
 ) -> float:
     """``ldm-smd scale-factor``: estimate the factor of the first stage ``ckpt`` on ``batches``
-    batches of the config's data; with ``write``, store it as ``model.params.scale_factor``."""
-    from ldm_smd.config import ConfigError, instantiate, load_config
-    from ldm_smd.convert import load_first_stage
+    batches of the config's data; with ``write``, store it as ``model.params.scale_factor``.
 
+    Everything is checked before the estimate: ``batches``, the ``write`` target (a stage-2
+    config, writable), the data config, the checkpoint and the dataset."""
+    from ldm_smd.checkpoints import check_writable
+    from ldm_smd.config import ConfigError, load_config
+    from ldm_smd.convert import load_first_stage
+    from ldm_smd.errors import DataError, UsageError
+    from ldm_smd.train import build_block, setup_data
+
+    if batches < 1:
+        raise UsageError(f"--batches {batches}: must be at least 1")
+    if write is not None:
+        check_stage2_config(write)
+        check_writable(write, what="--write", folder=False)
     config = load_config(config_path)
     if "data" not in config:
         raise ConfigError(f"{config_path}: needs a 'data' block to draw images from")
     autoencoder, _ = load_first_stage(str(ckpt))
-    datamodule = instantiate(config["data"])
-    datamodule.setup("fit")
+    datamodule = build_block("data", config["data"])
+    setup_data(datamodule)
     images = (batch["image"] for batch in itertools.islice(datamodule.train_dataloader(), batches))
-    value = estimate_scale_factor(autoencoder, images)
+    try:
+        value = estimate_scale_factor(autoencoder, images)
+    except ValueError as exc:
+        raise DataError(f"scale-factor on {config_path}: {exc}") from exc
     if write is not None:
         write_scale_factor(write, value)
         print(f"[ldm-smd] wrote model.params.scale_factor={value:.6g} into {write}")

@@ -2,8 +2,10 @@
 
 Every random draw in the package goes through :func:`randn`, which takes either one
 ``torch.Generator`` for the whole batch or a sequence of generators, one per batch row.
-The per-row form makes sampling independent of the batch size: sample ``i`` always comes
-from ``torch.Generator().manual_seed(seed + i)``, however the samples are split into batches.
+The per-row form makes sampling independent of the batch size: sample ``i`` of a run seeded
+``S`` always comes from ``torch.Generator().manual_seed(derive_seed(S, i))``, however the samples
+are split into batches. :func:`derive_seed` hashes ``(S, i)`` (numpy's ``SeedSequence``), so
+the sets of two seeds share no sample (``S + i`` would make seeds 7 and 10 share 13 of 16).
 
 Draws happen on the generator's device and are then moved, so a CPU generator gives the same
 numbers whatever device the model runs on.
@@ -13,14 +15,41 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 GeneratorLike = torch.Generator | Sequence[torch.Generator] | None
 
+_MASK64 = (1 << 64) - 1
+_MASK63 = (1 << 63) - 1
+
+
+def derive_seed(seed: int, *keys: int) -> int:
+    """A seed for stream ``keys`` of a run seeded ``seed``: one place for every derived seed.
+
+    The result is a deterministic, well-mixed function of ``(seed, *keys)`` in ``[0, 2**63)``
+    (usable by ``torch.Generator.manual_seed``, ``numpy.random.default_rng`` and ``random.seed``):
+    numpy's ``SeedSequence(seed, spawn_key=keys)``, the scheme numpy uses for independent child
+    streams, reduced to 63 bits. Different ``(seed, keys)`` give unrelated streams, so unlike
+    ``seed + i`` no two seeds share a stream, and ``derive_seed(s, a, b)`` is a stream of its
+    own, distinct from ``derive_seed(s, a)`` and ``derive_seed(s, b)``. Negative numbers are
+    taken modulo ``2**64``. Stable across versions: the values are pinned by a test.
+
+    Args:
+        seed: the run's seed (any integer).
+        keys: the stream's coordinates, e.g. the sample index, or (step, rank, purpose).
+    """
+    entropy = int(seed) & _MASK64
+    spawn_key = tuple(int(k) & _MASK64 for k in keys)
+    words = np.random.SeedSequence(entropy, spawn_key=spawn_key).generate_state(2, np.uint32)
+    return ((int(words[1]) << 32) | int(words[0])) & _MASK63
+
 
 def row_generators(seed: int, start: int, count: int) -> list[torch.Generator]:
-    """CPU generators for rows ``start .. start + count - 1`` of a run seeded with ``seed``."""
-    return [torch.Generator().manual_seed(seed + i) for i in range(start, start + count)]
+    """CPU generators for rows ``start .. start + count - 1`` of a run seeded with ``seed``:
+    row ``i`` is seeded ``derive_seed(seed, i)``, whatever batch it falls in."""
+    return [torch.Generator().manual_seed(derive_seed(seed, i))
+            for i in range(start, start + count)]
 
 
 def randn(

@@ -1,12 +1,19 @@
 """Load a stage-2 checkpoint and write samples: a grid PNG, single PNGs and ``samples.npz``.
 
-Sample ``i`` of a run seeded ``S`` is always drawn from the generator seeded ``S + i`` (see
-:mod:`ldm_smd.rng`), so the same seed gives identical files whatever the batch size.
+Sample ``i`` of a run seeded ``S`` is always drawn from the generator seeded
+``derive_seed(S, i)`` (see :mod:`ldm_smd.rng`): the same seed gives identical files whatever the
+batch size, and two different seeds give unrelated sets.
+
+Every argument is checked before the model is loaded and before anything is written: counts,
+sampler steps against the checkpoint's schedule, the device, and the output folder, which must be
+new or empty (``overwrite=True`` first removes the previous samples there, and only those).
 """
 
 from __future__ import annotations
 
 import math
+import re
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -15,15 +22,26 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ldm_smd.checkpoints import CheckpointError, load_checkpoint, load_state_dict_strict
+from ldm_smd.checkpoints import (
+    CheckpointError,
+    atomic_write,
+    check_writable,
+    load_checkpoint,
+    load_state_dict_strict,
+)
+from ldm_smd.devices import resolve_device
+from ldm_smd.diffusion.samplers import SAMPLERS, SPACINGS
+from ldm_smd.errors import OutputError, UsageError
 from ldm_smd.images import save_grid, save_singles, to_uint8
 from ldm_smd.models.diffusion import LatentDiffusion
 from ldm_smd.rng import row_generators
 
+#: what :func:`sample_to_dir` writes into its folder (and all that ``overwrite`` removes)
+OUTPUTS = ("grid.png", "samples.npz", "images")
+_SINGLE = re.compile(r"\d{6}\.png")
 
-def load_diffusion_checkpoint(path: str | Path, *, device: str = "cpu") -> LatentDiffusion:
-    """Rebuild a :class:`LatentDiffusion` from its checkpoint alone (weights-only, strict)."""
-    ckpt = load_checkpoint(path)
+
+def _check_hparams(ckpt: Any, path: str | Path) -> dict[str, Any]:
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise CheckpointError(f"{path} is not a Lightning checkpoint (no 'state_dict')")
     hparams = ckpt.get("hyper_parameters")
@@ -32,15 +50,115 @@ def load_diffusion_checkpoint(path: str | Path, *, device: str = "cpu") -> Laten
             f"{path} is not a stage-2 (diffusion) checkpoint: its hyper-parameters have no "
             f"'network'; an autoencoder checkpoint is used as model.params.first_stage instead"
         )
+    return hparams
+
+
+def _build(ckpt: dict[str, Any], path: str | Path, *, device: str) -> LatentDiffusion:
+    hparams = _check_hparams(ckpt, path)
     model = LatentDiffusion(**{**hparams, "load_first_stage_weights": False})
     load_state_dict_strict(model, ckpt["state_dict"], source=str(path))
     return model.to(device).eval()
 
 
+def load_diffusion_checkpoint(path: str | Path, *, device: str = "cpu") -> LatentDiffusion:
+    """Rebuild a :class:`LatentDiffusion` from its checkpoint alone (weights-only, strict)."""
+    return _build(load_checkpoint(path), path, device=device)
+
+
 def pick_device(device: str | None) -> str:
-    if device:
-        return device
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """``device`` checked against this machine; ``None``: CUDA when available, else CPU."""
+    return resolve_device(device)
+
+
+def check_sample_arguments(
+    *, n: int, batch_size: int, steps: int | None, sampler: str | None, spacing: str | None,
+    ddim_eta: float | None,
+) -> None:
+    """Raise :class:`UsageError` naming the option for an out-of-range argument."""
+    if n < 1:
+        raise UsageError(f"--n {n}: the number of samples must be at least 1")
+    if batch_size < 1:
+        raise UsageError(f"--batch-size {batch_size}: must be at least 1")
+    if steps is not None and steps < 1:
+        raise UsageError(
+            f"--steps {steps}: must be at least 1 (leave --steps out for the checkpoint's "
+            "default number of steps)"
+        )
+    if sampler is not None and sampler not in SAMPLERS:
+        raise UsageError(f"--sampler {sampler!r} is not one of {', '.join(SAMPLERS)}")
+    if spacing is not None and spacing not in SPACINGS:
+        raise UsageError(f"--spacing {spacing!r} is not one of {', '.join(SPACINGS)}")
+    if ddim_eta is not None and not (ddim_eta >= 0 and math.isfinite(ddim_eta)):
+        raise UsageError(
+            f"--ddim-eta {ddim_eta}: must be a finite number >= 0 (0: deterministic DDIM, "
+            "1: DDPM-like noise)"
+        )
+
+
+def check_steps(steps: int | None, num_timesteps: int, *, source: str) -> None:
+    """``steps`` fits the model's schedule of ``num_timesteps`` training steps."""
+    if steps is not None and steps > num_timesteps:
+        raise UsageError(
+            f"--steps {steps}: the model {source} was trained with T={num_timesteps} steps, so "
+            f"a sampler takes at most {num_timesteps} steps"
+        )
+
+
+def default_steps_error(model: Any, *, source: str) -> str | None:
+    """Why the model's own default sampler steps (``model.params.sampler.steps``) cannot run on
+    its schedule, or ``None`` when they can (or the model has no such defaults)."""
+    defaults = getattr(model, "sampler_defaults", None)
+    schedule = getattr(model, "schedule", None)
+    steps = (defaults or {}).get("steps")
+    if steps is None or schedule is None or int(steps) <= schedule.num_timesteps:
+        return None
+    return (f"{source}: model.params.sampler.steps={steps} is more than the schedule's "
+            f"T={schedule.num_timesteps} (model.params.schedule.num_timesteps)")
+
+
+def previous_outputs(out_dir: Path) -> list[Path]:
+    """The entries of ``out_dir`` (must exist); refuses if any is not one of our outputs."""
+    entries = sorted(out_dir.iterdir())
+    foreign = [p.name for p in entries if p.name not in OUTPUTS]
+    images = out_dir / "images"
+    if images.is_dir():
+        foreign += [f"images/{p.name}" for p in sorted(images.iterdir())
+                    if not (p.is_file() and _SINGLE.fullmatch(p.name))]
+    elif images.exists():
+        foreign.append("images")
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f", ... (+{len(foreign) - 5})" if len(foreign) > 5
+                                          else "")
+        raise OutputError(
+            f"--out {out_dir} holds files that sampling did not write ({shown}); nothing was "
+            "removed: choose a new or empty folder"
+        )
+    return entries
+
+
+def check_out_dir(out_dir: Path, *, overwrite: bool) -> list[Path]:
+    """Check the output folder before any work; returns what ``overwrite`` will remove."""
+    check_writable(out_dir, what="--out", folder=True)
+    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return []
+    entries = previous_outputs(out_dir)
+    if not overwrite:
+        raise OutputError(
+            f"--out {out_dir} already holds samples ({', '.join(p.name for p in entries)}); "
+            "choose a new folder, or pass --overwrite to replace them"
+        )
+    return entries
+
+
+def _remove(entries: list[Path], out_dir: Path) -> None:
+    singles = len(list((out_dir / "images").glob("*.png"))) if (out_dir / "images").is_dir() else 0
+    for entry in entries:
+        if entry.is_dir():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    print(f"[ldm-smd] --overwrite: removed the previous samples in {out_dir} "
+          f"({', '.join(p.name for p in entries)}; {singles} single images)")
 
 
 def sample_to_dir(
@@ -58,14 +176,34 @@ def sample_to_dir(
     device: str | None = None,
     progress: bool = True,
     model: LatentDiffusion | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Sample ``n`` images from ``ckpt_path`` into ``out_dir``; returns the written paths."""
-    if n < 1 or batch_size < 1:
-        raise ValueError(f"n and batch_size must be positive, got n={n}, batch_size={batch_size}")
+    """Sample ``n`` images from ``ckpt_path`` into ``out_dir``; returns the written paths.
+
+    ``out_dir`` must be new or empty; with ``overwrite=True`` a previous run's outputs there
+    (``grid.png``, ``samples.npz``, ``images/``) are removed first, and a folder holding anything
+    else is refused. Nothing is written before every argument was checked.
+    """
+    check_sample_arguments(n=n, batch_size=batch_size, steps=steps, sampler=sampler,
+                           spacing=spacing, ddim_eta=ddim_eta)
     device = pick_device(device)
-    model = model if model is not None else load_diffusion_checkpoint(ckpt_path, device=device)
+    if model is None and not Path(ckpt_path).is_file():
+        load_checkpoint(ckpt_path)  # raises the named error for a missing path or a folder
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    to_remove = check_out_dir(out_dir, overwrite=overwrite)
+    if model is None:
+        ckpt = load_checkpoint(ckpt_path)
+        hparams = _check_hparams(ckpt, ckpt_path)
+        schedule = hparams.get("schedule") or {}
+        if "num_timesteps" in schedule:
+            check_steps(steps, int(schedule["num_timesteps"]), source=str(ckpt_path))
+        model = _build(ckpt, ckpt_path, device=device)
+        del ckpt
+    check_steps(steps, model.schedule.num_timesteps, source=str(ckpt_path))
+    if steps is None and (reason := default_steps_error(model, source=str(ckpt_path))):
+        raise UsageError(f"{reason}: give --steps 1..{model.schedule.num_timesteps}")
+    if to_remove:
+        _remove(to_remove, out_dir)
     start = time.perf_counter()
     chunks = []
     batches = range(0, n, batch_size)
@@ -84,8 +222,12 @@ def sample_to_dir(
         save_singles(images, out_dir / "images", start=first)
         chunks.append(images)
     images = torch.cat(chunks)
-    grid = save_grid(images, out_dir / "grid.png", nrow=int(math.ceil(math.sqrt(n))))
-    npz = out_dir / "samples.npz"
-    np.savez(npz, images=to_uint8(images))
+    kept = f"; the {n} single images are in {out_dir / 'images'}"
+    try:
+        grid = save_grid(images, out_dir / "grid.png", nrow=int(math.ceil(math.sqrt(n))))
+        arrays = to_uint8(images)
+        npz = atomic_write(out_dir / "samples.npz", lambda handle: np.savez(handle, images=arrays))
+    except OutputError as exc:
+        raise OutputError(f"{exc}{kept}") from exc
     seconds = time.perf_counter() - start
     return {"grid": grid, "npz": npz, "images": out_dir / "images", "seconds": seconds}

@@ -8,31 +8,117 @@ Everything a run writes goes under its ``run_dir``::
     run_dir/logs/metrics.csv       CSV metrics (a resume logs to logs/resume-K/metrics.csv)
     run_dir/logs/tb/               TensorBoard events (when installed)
     run_dir/samples/               sample grids written during training
+
+Before anything is written, everything that can be checked is: the config (every key and value
+type, ``trainer.*`` included), the run folder (writable; a folder that already holds a run is
+refused unless the run is resumed or ``overwrite`` is given), the model (the first stage is
+loaded), the data (the dataset is built, so an empty folder is an error here) and the Trainer.
+``config.yaml`` is written when training starts.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
+import re
+import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
 from ldm_smd.callbacks import (
     AtomicCheckpointIO,
     FinalCheckpoint,
     NanGuard,
+    PeriodicCheckpoint,
     RngStates,
     SampleGrid,
+    progress_bar,
+)
+from ldm_smd.checkpoints import (
+    CheckpointError,
+    check_state_dict,
+    check_writable,
+    load_checkpoint,
 )
 from ldm_smd.config import ConfigError, instantiate, load_config, save_config
+from ldm_smd.errors import (
+    WRITE_ERRNOS,
+    DataError,
+    LdmSmdError,
+    OutputError,
+    UsageError,
+    describe_os_error,
+)
 
 LAST = "last.ckpt"
+#: what a run writes into its run_dir (and all that ``overwrite`` removes)
+RUN_ENTRIES = ("config.yaml", "checkpoints", "logs", "samples", "reconstructions")
+
+
+# ----------------------------------------------------------------------------- the console
+
+#: Lightning warnings that do not apply to runs built here, ignored by message and category
+#: (every other warning is shown):
+HARMLESS_WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
+    # the frozen first stage (and LPIPS's VGG trunk) are in eval mode on purpose
+    (r"Found \d+ module\(s\) in eval mode", PossibleUserWarning),
+    # ImageDataModule checkpoints the data position itself (its state_dict: epoch and batches
+    # done) and restarts the seeded sampler there, so a mid-epoch resume is exact
+    # (tests/test_resume.py); Lightning only looks for that interface on the DataLoader object
+    (r"You're resuming from a checkpoint that ended before the epoch ended", PossibleUserWarning),
+    # stage 1 optimises manually; its checkpoints hold the state after the step, which is what
+    # an exact resume needs (the warning offers a recipe for the state before the step)
+    (r"Using ModelCheckpoint with manual optimization", UserWarning),
+    # only a resume reaches a checkpoints/ folder that holds checkpoints (train refuses
+    # otherwise), and one moved or copied run folder changes the dirpath on purpose
+    (r"Checkpoint directory .* exists and is not empty", UserWarning),
+    (r"The dirpath has changed from", UserWarning),
+    # Lightning's own use of a torch API that torch deprecates; nothing of ours calls it
+    (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning),
+)
+#: Lightning's info lines that say nothing about this run (banners, tips, its own stop line:
+#: the end of ``train`` prints what ran), dropped by their start
+HARMLESS_INFO = (
+    "GPU available:", "TPU available:", "HPU available:", "LOCAL_RANK:", "💡 Tip:",
+    "`Trainer.fit` stopped:",
+    "Restoring states from the checkpoint path", "Restored all states from the checkpoint",
+)
+
+
+class _DropHarmlessInfo(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).lstrip().startswith(HARMLESS_INFO)
+
+
+_INFO_FILTER = _DropHarmlessInfo()
+
+
+def quiet_lightning() -> None:
+    """Filter Lightning's known-harmless warnings and banner lines (idempotent).
+
+    Only the entries of :data:`HARMLESS_WARNINGS` and :data:`HARMLESS_INFO` are dropped; the
+    model summary is off by default through ``trainer.enable_model_summary`` (see
+    :func:`build_trainer`).
+    """
+    for message, category in HARMLESS_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
+                 "lightning.pytorch.accelerators.cuda"):
+        logger = logging.getLogger(name)
+        if _INFO_FILTER not in logger.filters:
+            logger.addFilter(_INFO_FILTER)
+
+
+# ----------------------------------------------------------------------------- run folders
 
 
 def resolve_resume(resume: str | Path) -> tuple[Path, Path]:
@@ -41,12 +127,56 @@ def resolve_resume(resume: str | Path) -> tuple[Path, Path]:
     if resume.is_dir():
         ckpt = resume / "checkpoints" / LAST
         if not ckpt.is_file():
-            raise FileNotFoundError(f"--resume {resume}: no checkpoint at {ckpt}")
+            raise CheckpointError(f"--resume {resume}: no checkpoint at {ckpt}")
         return resume, ckpt
     if resume.is_file():
         run_dir = resume.parent.parent if resume.parent.name == "checkpoints" else resume.parent
         return run_dir, resume
-    raise FileNotFoundError(f"--resume {resume}: no such run folder or checkpoint")
+    raise CheckpointError(f"--resume {resume}: no such run folder or checkpoint")
+
+
+def existing_run(run_dir: Path) -> list[str]:
+    """The entries of :data:`RUN_ENTRIES` that ``run_dir`` already holds (empty folders aside)."""
+    found = []
+    for name in RUN_ENTRIES:
+        path = run_dir / name
+        if path.is_file() or (path.is_dir() and any(path.iterdir())):
+            found.append(name + ("/" if path.is_dir() else ""))
+    return found
+
+
+def _describe_run(run_dir: Path) -> str:
+    ckpts = sorted((run_dir / "checkpoints").glob("*.ckpt")) if (
+        run_dir / "checkpoints").is_dir() else []
+    steps = [int(m.group(1)) for p in ckpts if (m := re.fullmatch(r"step=(\d+)\.ckpt", p.name))]
+    if not ckpts:
+        return "no checkpoint yet"
+    latest = f", latest step={max(steps)}.ckpt" if steps else ""
+    return f"{len(ckpts)} checkpoint(s){latest}"
+
+
+def _refuse_existing_run(run_dir: Path, entries: list[str]) -> OutputError:
+    return OutputError(
+        f"run_dir {run_dir} already holds a run ({', '.join(entries)}; {_describe_run(run_dir)})"
+        f" and nothing in it was changed: continue it with `ldm-smd train --resume {run_dir}`, "
+        f"start it over with --overwrite (deletes {', '.join(entries)}), or give a new "
+        f"run_dir=..."
+    )
+
+
+def _remove_previous_run(run_dir: Path, entries: list[str]) -> None:
+    for name in entries:
+        path = run_dir / name.rstrip("/")
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    print(f"[ldm-smd] --overwrite: deleted the previous run in {run_dir} ({', '.join(entries)})")
+
+
+def _is_first_process() -> bool:
+    """Global rank 0 (Lightning reads RANK / LOCAL_RANK / SLURM_PROCID at import)."""
+    return int(getattr(rank_zero_only, "rank", 0) or 0) == 0
 
 
 def _loggers(config: dict[str, Any], run_dir: Path, *, resuming: bool) -> list[Any]:
@@ -81,17 +211,23 @@ def check_precision(trainer_options: dict[str, Any]) -> None:
         )
 
 
-class _SaveConfigOnStart(L.Callback):
-    """On resume, write the run's config only once the checkpoint was restored: a resume that
-    fails (say, a mismatched EMA) leaves the run folder's ``config.yaml`` as it was."""
+class _RunStart(L.Callback):
+    """When training starts (the checkpoint, if any, restored): write the run's config and note
+    the step, so a run that fails before (say, a mismatched EMA on resume) leaves the run
+    folder's ``config.yaml`` as it was."""
 
-    def __init__(self, *, config: dict[str, Any], path: Path) -> None:
+    def __init__(self, *, config: dict[str, Any], path: Path, resumed_from: Path | None) -> None:
         self.config = config
         self.path = path
+        self.resumed_from = resumed_from
+        self.start_step = 0
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.start_step = int(trainer.global_step)
         if trainer.is_global_zero:
             save_config(self.config, self.path)
+            if self.resumed_from is not None:
+                print(f"[ldm-smd] resumed from {self.resumed_from} at step {self.start_step}")
 
 
 def build_trainer(
@@ -101,15 +237,17 @@ def build_trainer(
     """A Trainer with checkpointing, the NaN guard, sample grids and loggers from ``config``.
 
     ``shards_by_rank``: the DataModule's sampler shards the data by rank itself, so Lightning
-    must not wrap it in a ``DistributedSampler``.
+    must not wrap it in a ``DistributedSampler``. Lightning's own complaints about the
+    arguments are :class:`ConfigError` naming ``trainer``.
     """
+    quiet_lightning()
     trainer_kwargs = dict(config.get("trainer") or {})
     check_precision(trainer_kwargs)
     ckpt_opts = {"every_n_train_steps": 500, "save_top_k": 1, **(config.get("checkpoint") or {})}
     guard = config.get("nan_guard") or {}
     logging_opts = config.get("logging") or {}
     callbacks: list[Any] = [
-        ModelCheckpoint(
+        PeriodicCheckpoint(
             dirpath=str(run_dir / "checkpoints"),
             filename="step={step}",
             auto_insert_metric_name=False,
@@ -117,6 +255,7 @@ def build_trainer(
             save_top_k=ckpt_opts["save_top_k"],
             monitor=None,
             save_last=True,
+            enable_version_counter=False,  # one last.ckpt, never last-v1.ckpt beside it
         ),
         NanGuard(action=guard.get("action", "stop"), max_skips=guard.get("max_skips", 100)),
         RngStates(),
@@ -132,15 +271,23 @@ def build_trainer(
     trainer_kwargs.setdefault("accelerator", "auto")
     trainer_kwargs.setdefault("devices", 1)
     trainer_kwargs.setdefault("num_sanity_val_steps", 0)
+    trainer_kwargs.setdefault("enable_model_summary", False)
+    if trainer_kwargs.get("enable_progress_bar", True) is not False:
+        callbacks.append(progress_bar())
     if shards_by_rank:
         trainer_kwargs.setdefault("use_distributed_sampler", False)
-    return L.Trainer(
-        default_root_dir=str(run_dir),
-        logger=_loggers(config, run_dir, resuming=resuming),
-        callbacks=callbacks,
-        plugins=[AtomicCheckpointIO()],
-        **trainer_kwargs,
-    )
+    try:
+        return L.Trainer(
+            default_root_dir=str(run_dir),
+            logger=_loggers(config, run_dir, resuming=resuming),
+            callbacks=callbacks,
+            plugins=[AtomicCheckpointIO()],
+            **trainer_kwargs,
+        )
+    except LdmSmdError:
+        raise
+    except (MisconfigurationException, ValueError, TypeError) as exc:
+        raise ConfigError(f"trainer: {_first_line(exc)}") from exc
 
 
 @rank_zero_only
@@ -169,55 +316,225 @@ def _remove_stale_temporaries(folder: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def build_block(block: str, spec: dict[str, Any]) -> Any:
+    """``instantiate(spec)``; a constructor's complaint about a value becomes a ConfigError
+    naming the block (our named errors pass through unchanged)."""
+    try:
+        return instantiate(spec)
+    except LdmSmdError:
+        raise
+    except (ValueError, FileNotFoundError, NotADirectoryError) as exc:
+        raise ConfigError(f"{block}: {_first_line(exc)}") from exc
+
+
+def setup_data(datamodule: Any) -> None:
+    """Build the datasets now (an empty or missing folder is an error before any work)."""
+    setup = getattr(datamodule, "setup", None)
+    if setup is None:
+        return
+    try:
+        setup("fit")
+    except LdmSmdError:
+        raise
+    except (ValueError, FileNotFoundError, NotADirectoryError) as exc:
+        raise DataError(f"data: {_first_line(exc)}") from exc
+
+
+def check_resume(model: L.LightningModule, ckpt_path: Path) -> None:
+    """Before anything is written: the checkpoint reads (weights-only), the module's own
+    ``on_load_checkpoint`` checks pass (our modules' hooks only check, e.g. the EMA decay), and
+    its weights fit the config's model (names and shapes)."""
+    ckpt = load_checkpoint(ckpt_path, mmap=True)
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise CheckpointError(f"--resume {ckpt_path} is not a Lightning checkpoint (no "
+                              "'state_dict')")
+    model.on_load_checkpoint(dict(ckpt))
+    try:
+        check_state_dict(model, ckpt["state_dict"], source=f"--resume {ckpt_path}")
+    except CheckpointError as exc:
+        raise CheckpointError(
+            f"{exc} (the config's model differs from the run's: drop the override that "
+            "changed it)"
+        ) from exc
+
+
+def _check_preview_sampler(model: Any, config: dict[str, Any]) -> None:
+    """Sample grids during training use the model's default sampler: one that cannot run on the
+    model's schedule is an error now, not at the first grid."""
+    from ldm_smd.sample import default_steps_error
+
+    every = int((config.get("logging") or {}).get("sample_every_n_steps", 0))
+    max_steps = int((config.get("trainer") or {}).get("max_steps", -1) or -1)
+    if every <= 0 or (max_steps > 0 and every > max_steps):
+        return
+    reason = default_steps_error(model, source="config")
+    if reason:
+        raise ConfigError(f"{reason}, so the sample grid every {every} steps "
+                          "(logging.sample_every_n_steps) cannot be drawn; lower "
+                          "model.params.sampler.steps")
+
+
+def _remove_failed_start(run_dir: Path, before: set[Path], *, made_run_dir: bool) -> None:
+    """A new run that failed before its first step (say, an undecodable first batch) leaves
+    nothing behind: what this attempt wrote of :data:`RUN_ENTRIES` is removed, and the run
+    folder too when this attempt made it, so the same command can simply be run again."""
+    for name in RUN_ENTRIES:
+        path = run_dir / name
+        if path in before or not path.exists():
+            continue
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    if made_run_dir and not any(run_dir.iterdir()):
+        run_dir.rmdir()
+
+
+def _remove_new_empty_folders(run_dir: Path, before: set[Path]) -> None:
+    """After a failed start, remove the (empty) folders this attempt made, e.g. a logger's."""
+    for path in sorted(run_dir.rglob("*"), reverse=True):
+        if path.is_dir() and path not in before and not any(path.iterdir()):
+            path.rmdir()
+
+
+def _kept(run_dir: Path) -> str:
+    last = run_dir / "checkpoints" / LAST
+    if last.is_file():
+        return (f"the last complete checkpoint {last} is kept; resume with "
+                f"`ldm-smd train --resume {run_dir}`")
+    return "no checkpoint of this run was written yet"
+
+
+def _final_loss(trainer: L.Trainer) -> str:
+    """The training loss the progress bar showed last (``train/loss``, stage 1's
+    ``train/rec_loss``), or the first ``train/*`` metric."""
+    for metrics in (trainer.progress_bar_metrics, trainer.callback_metrics):
+        keys = sorted(k for k in metrics if str(k).startswith("train/"))
+        if keys:
+            key = "train/loss" if "train/loss" in keys else keys[0]
+            return f"; final {key} {float(metrics[key]):.4g}"
+    return ""
+
+
+def _where(run_dir: Path, trainer: L.Trainer) -> str:
+    logs = []
+    for logger in trainer.loggers:
+        if isinstance(logger, CSVLogger):
+            logs.append(str(Path(logger.log_dir) / "metrics.csv"))
+        elif isinstance(logger, TensorBoardLogger):
+            logs.append(f"TensorBoard: tensorboard --logdir {run_dir / 'logs'}")
+    return (f"[ldm-smd] checkpoints: {run_dir / 'checkpoints'} ({LAST}); logs: "
+            + ("; ".join(logs) if logs else "none (logging.csv and logging.tensorboard are off)"))
+
+
+def _fit(trainer: L.Trainer, model: Any, datamodule: Any, *, ckpt_path: Path | None,
+         run_dir: Path) -> None:
+    """``trainer.fit``; a failed write or a checkpoint that does not fit is a named error."""
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    except OutputError as exc:
+        raise OutputError(f"{exc}; {_kept(run_dir)}") from exc
+    except OSError as exc:
+        if exc.errno not in WRITE_ERRNOS:
+            raise
+        raise OutputError(
+            f"could not write {describe_os_error(exc, exc.filename or run_dir)}; {_kept(run_dir)}"
+        ) from exc
+    except RuntimeError as exc:
+        if ckpt_path is None or "Error(s) in loading state_dict" not in str(exc):
+            raise
+        raise CheckpointError(
+            f"--resume {ckpt_path}: the checkpoint does not fit the config's model "
+            f"({_first_line(exc)}); {'; '.join(str(exc).splitlines()[1:3]).strip()}"
+        ) from exc
+
+
 def train(
     config_path: str | Path | None = None,
     overrides: list[str] | tuple[str, ...] = (),
     *,
     resume: str | Path | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Train from ``config_path`` (or resume a run exactly) and return what was written.
 
     With ``resume`` (a run folder or a checkpoint) the model, EMA, optimisers, LR scheduler,
     loop counters, RNG states and the data position come back from the checkpoint; the config is
     the run folder's ``config.yaml`` (or ``config_path``) with ``overrides`` applied.
+
+    A new run into a ``run_dir`` that already holds a run (checkpoints, logs, a config) is
+    refused; ``overwrite=True`` deletes that run once every check has passed.
     """
     start = time.perf_counter()
+    quiet_lightning()
+    if resume is not None and overwrite:
+        raise UsageError("--resume continues a run and --overwrite deletes it: give one of them")
     ckpt_path = None
     if resume is not None:
         run_dir, ckpt_path = resolve_resume(resume)
         config_path = config_path or run_dir / "config.yaml"
     if config_path is None:
-        raise ConfigError("train: give --config FILE or --resume RUN_DIR")
+        raise UsageError("train: give --config FILE or --resume RUN_DIR")
     config = load_config(config_path, overrides)
     if resume is None:
         run_dir = Path(config.get("run_dir") or Path("runs") / Path(config_path).stem)
     if "data" not in config:
         raise ConfigError(f"{config_path}: training needs a 'data' block")
     check_precision(dict(config.get("trainer") or {}))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    extra: list[Any] = []
-    if ckpt_path is None:
-        save_config(config, run_dir / "config.yaml")
-    else:
-        _remove_stale_temporaries(ckpt_path.parent)
-        extra.append(_SaveConfigOnStart(config=config, path=run_dir / "config.yaml"))
+    previous: list[str] = []
+    run_dir_existed = run_dir.exists()
+    if _is_first_process():
+        check_writable(run_dir, what="run_dir", folder=True)
+        if ckpt_path is None:
+            previous = existing_run(run_dir)
+            if previous and not overwrite:
+                raise _refuse_existing_run(run_dir, previous)
 
     L.seed_everything(int(config.get("seed", 0)), workers=True, verbose=False)
-    model = instantiate(config["model"])
-    datamodule = instantiate(config["data"])
+    model = build_block("model", config["model"])
+    _check_preview_sampler(model, config)
+    if ckpt_path is not None:
+        check_resume(model, ckpt_path)
+    datamodule = build_block("data", config["data"])
+    setup_data(datamodule)
+    run_start = _RunStart(config=config, path=run_dir / "config.yaml", resumed_from=ckpt_path)
     trainer = build_trainer(
-        config, run_dir, extra_callbacks=tuple(extra),
+        config, run_dir, extra_callbacks=(run_start,),
         shards_by_rank=bool(getattr(datamodule, "shards_by_rank", False)),
         resuming=ckpt_path is not None,
     )
+    # every check passed: from here on the run folder is written
+    if previous:
+        _remove_previous_run(run_dir, previous)
+    if ckpt_path is not None:
+        _remove_stale_temporaries(ckpt_path.parent)
     _report_learning_rate(config, trainer)
-    trainer.fit(model, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    before = set(run_dir.rglob("*")) if run_dir.is_dir() else set()
+    try:
+        _fit(trainer, model, datamodule, ckpt_path=ckpt_path, run_dir=run_dir)
+    except BaseException:
+        if run_dir.is_dir() and _is_first_process():
+            if ckpt_path is None and trainer.global_step == 0:
+                _remove_failed_start(run_dir, before, made_run_dir=not run_dir_existed)
+            else:
+                _remove_new_empty_folders(run_dir, before)
+        raise
     last = run_dir / "checkpoints" / LAST
     # FinalCheckpoint wrote the final state unless no batch ran (every rank takes part)
     if not trainer.strategy.broadcast(last.exists()):
-        trainer.save_checkpoint(str(last))
+        trainer.save_checkpoint(str(last), weights_only=False)
     seconds = time.perf_counter() - start
     if trainer.is_global_zero:
-        print(f"[ldm-smd] trained {trainer.global_step} steps in {seconds:.1f} s; "
-              f"checkpoint {last}")
+        steps = trainer.global_step - run_start.start_step
+        session = (f" (step {run_start.start_step} -> {trainer.global_step})"
+                   if ckpt_path is not None else "")
+        print(f"[ldm-smd] trained {steps} steps in this session{session} in {seconds:.1f} s"
+              f"{_final_loss(trainer)}")
+        print(_where(run_dir, trainer))
     return {"run_dir": run_dir, "checkpoint": last, "seconds": seconds, "trainer": trainer}
+

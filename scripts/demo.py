@@ -58,7 +58,7 @@ def main() -> None:
     overrides = [f"run_dir={out / 'autoencoder'}"]
     if args.ae_steps:
         overrides.append(f"trainer.max_steps={args.ae_steps}")
-    stage1 = train(ae_cfg, overrides)
+    stage1 = train(ae_cfg, overrides, overwrite=True)  # the demo redoes its own runs
     recon_path, psnr = reconstruction_grid(
         stage1["checkpoint"], ae_cfg, out / "reconstructions.png"
     )
@@ -76,12 +76,12 @@ def main() -> None:
     ]
     if args.ldm_steps:
         overrides.append(f"trainer.max_steps={args.ldm_steps}")
-    stage2 = train(ldm_cfg, overrides)
+    stage2 = train(ldm_cfg, overrides, overwrite=True)
     timings["stage 2 (SMD latent diffusion)"] = time.perf_counter() - t
 
     t = time.perf_counter()
     result = sample_to_dir(stage2["checkpoint"], out / "samples", n=args.n, seed=args.seed,
-                           batch_size=args.n, progress=False)
+                           batch_size=args.n, progress=False, overwrite=True)
     timings["sampling"] = time.perf_counter() - t
 
     print("\n[ldm-smd demo] wall time per stage:")

@@ -4,9 +4,10 @@
         --steps 5 10 20 50 100 --ref data/cifar10_train_stats.npz --n 50000 --out-dir sweep/
 
 For every checkpoint and every number of steps: sample ``--n`` images with
-``ldm_smd.sample.sample_to_dir`` (seeded: sample ``i`` comes from seed ``--seed + i``), then
-score them: ``--metric fid`` (default) runs :func:`ldm_smd.eval.evaluate.evaluate` against
-``--ref`` (FID, KID, precision / recall; needs the Inception weights, see ``ldm-smd eval``);
+``ldm_smd.sample.sample_to_dir`` (seeded: sample ``i`` comes from ``derive_seed(--seed, i)``,
+see ``ldm_smd.rng``), then score them: ``--metric fid`` (default) runs
+:func:`ldm_smd.eval.evaluate.evaluate` against ``--ref`` (FID, KID, precision / recall;
+needs the Inception weights, see ``ldm-smd eval``);
 ``--metric mixture`` scores image-prototype samples exactly against the mixture of
 ``--mixture-config`` (no Inception). Writes ``sweep.md``, ``sweep.json`` and ``sweep.png``
 (the metric against steps, one curve per checkpoint) into ``--out-dir``. FID needs at least
@@ -48,9 +49,10 @@ def run_sweep(args: argparse.Namespace) -> dict:
     for label, ckpt in ckpts.items():
         for steps in args.steps:
             sample_dir = out / "samples" / f"{label}_steps{steps}"
+            (sample_dir / "eval.json").unlink(missing_ok=True)  # a re-run redoes the sweep's own
             written = sample_to_dir(ckpt, sample_dir, n=args.n, steps=steps, sampler=args.sampler,
                                     seed=args.seed, batch_size=args.batch_size,
-                                    device=args.device)
+                                    device=args.device, overwrite=True)
             if args.metric == "fid":
                 from ldm_smd.eval.evaluate import evaluate
 

@@ -86,3 +86,55 @@ def test_strict_loading_lists_missing_and_unexpected():
     assert torch.equal(net.bias, torch.ones(2))
     with pytest.raises(CheckpointError, match="shape mismatch"):
         load_state_dict_strict(net, {"weight": torch.zeros(3, 2), "bias": torch.zeros(2)})
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077, 0o002])
+def test_atomic_write_gives_files_the_users_umask(tmp_path, mask):
+    import stat
+
+    old = os.umask(mask)
+    try:
+        path = atomic_write(tmp_path / "f.bin", lambda handle: handle.write(b"x"))
+        again = atomic_write(path, lambda handle: handle.write(b"y"))  # a replacement too
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask
+    assert stat.S_IMODE(again.stat().st_mode) == 0o666 & ~mask
+
+
+def test_failed_atomic_write_names_the_file_and_keeps_the_previous_one(tmp_path):
+    import errno
+
+    from ldm_smd.errors import OutputError
+
+    path = atomic_write(tmp_path / "c.ckpt", lambda handle: handle.write(b"old"))
+
+    def full(handle):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OutputError, match=r"could not write .*c\.ckpt: No space left on device; "
+                                          r"the previous c\.ckpt there is unchanged"):
+        atomic_write(path, full)
+    assert path.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["c.ckpt"]  # no temporary left
+    with pytest.raises(OutputError, match=r"cannot write .*c\.ckpt/x"):
+        atomic_write(path / "x", lambda handle: handle.write(b"z"))  # a file in the way
+
+
+def test_a_full_disk_reported_by_torch_save_as_a_runtime_error_is_named(tmp_path):
+    import errno
+
+    from ldm_smd.errors import OutputError
+
+    def torch_like(handle):  # what torch.save raises when the disk fills mid-write
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos")  # noqa: B904 (as torch does)
+
+    with pytest.raises(OutputError, match=r"x\.ckpt: No space left on device; no partial file"):
+        atomic_write(tmp_path / "x.ckpt", torch_like)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(RuntimeError, match="a bug"):  # anything else keeps its type
+        atomic_write(tmp_path / "y.ckpt", lambda handle: (_ for _ in ()).throw(
+            RuntimeError("a bug")))

@@ -7,6 +7,7 @@ import torch
 import yaml
 
 from ldm_smd.checkpoints import CheckpointError
+from ldm_smd.config import ConfigError
 from ldm_smd.convert import (
     architecture_of,
     build_autoencoder,
@@ -239,7 +240,8 @@ def test_estimate_scale_factor_is_one_over_latent_std():
 
 def test_write_scale_factor_keeps_the_rest_of_the_file(tmp_path):
     path = tmp_path / "ldm.yaml"
-    text = ("# stage 2\nmodel:\n  target: x.Y  # the model\n  params:\n"
+    text = ("# stage 2\nmodel:\n  target: ldm_smd.models.diffusion.LatentDiffusion  # the model\n"
+            "  params:\n"
             "    first_stage: a.ckpt\n    scale_factor: 1.0  # estimated\n"
             "    unet: {target: u, params: {ch: 8}}\ndata:\n  target: d\n")
     path.write_text(text)
@@ -254,7 +256,7 @@ def test_write_scale_factor_keeps_the_rest_of_the_file(tmp_path):
     assert path.read_text().startswith("# stage 2\n")
     assert [p.name for p in tmp_path.iterdir()] == ["ldm.yaml"]  # no temporary left behind
     (tmp_path / "bad.yaml").write_text("data: {}\n")
-    with pytest.raises(KeyError, match="model"):
+    with pytest.raises(ConfigError, match="no 'model' block"):
         write_scale_factor(tmp_path / "bad.yaml", 1.0)
 
 

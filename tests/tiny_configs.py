@@ -39,4 +39,5 @@ def tiny_pixel_unet(*, timesteps: int = 20) -> list[str]:
         f"{net}.channel_mult=[1]",
         f"{net}.attention_resolutions=[]",
         f"model.params.schedule.num_timesteps={timesteps}",
+        f"model.params.sampler.steps={timesteps}",
     ]

@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ldm_smd.errors import DataError
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 ALPHA_MODES = ("white", "black", "drop")
 CROP_MODES = ("center", "random")
@@ -42,7 +44,7 @@ INTERPOLATIONS = {
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 
 
-class CorruptImageError(ValueError):
+class CorruptImageError(DataError):
     """An image file (or LMDB value) that PIL cannot decode; the message names it."""
 
 

@@ -36,6 +36,7 @@ from ldm_smd.data.decode import (
     resize_square,
     to_tensor,
 )
+from ldm_smd.errors import DataError
 
 
 class EncodedImageDataset(Dataset):
@@ -138,7 +139,7 @@ def scan_folder(root: str | os.PathLike[str]) -> list[str]:
             if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS):
                 found.append(os.path.relpath(os.path.join(dirpath, f), root))
     if not found:
-        raise ValueError(
+        raise DataError(
             f"image folder {root} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)}, "
             "recursively)"
         )

@@ -14,13 +14,17 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ldm_smd.checkpoints import atomic_write, check_writable
+from ldm_smd.devices import resolve_device
+from ldm_smd.errors import OutputError, UsageError
 from ldm_smd.eval import fid
-from ldm_smd.eval.inception import FIDInception, resolve_weights_path
+from ldm_smd.eval.inception import FEATURE_DIM, FIDInception, resolve_weights_path
 
 PREPROCESSING = (
     "uint8 PNG samples; PIL RGB; /255; bilinear resize to 299x299 (align_corners=False, "
@@ -48,7 +52,25 @@ def _samples_source(samples: str | os.PathLike):
     path = Path(samples)
     if path.is_file() and path.suffix in (".npz", ".npy"):
         return fid.load_uint8_array(path)
+    if path.is_file():
+        raise fid.EvalInputError(f"--samples {path} is a file; give a folder of PNGs or an .npz")
     return fid.list_images(path, samples=True)
+
+
+def _check_statistics(stats: dict[str, np.ndarray], path: Path) -> dict[str, np.ndarray]:
+    mu, sigma = np.asarray(stats["mu"]), np.asarray(stats["sigma"])
+    if mu.shape != (FEATURE_DIM,) or sigma.shape != (FEATURE_DIM, FEATURE_DIM):
+        raise fid.EvalInputError(
+            f"--ref {path}: statistics of shape mu {mu.shape}, sigma {sigma.shape}; expected the "
+            f"{FEATURE_DIM}-d pool3 features of the FID Inception"
+        )
+    return stats
+
+
+def write_result(result: dict[str, Any], out_json: str | os.PathLike) -> Path:
+    """Write ``result`` as JSON (to a temporary name, then renamed)."""
+    text = json.dumps(result, indent=2, default=_json_default) + "\n"
+    return atomic_write(out_json, lambda handle: handle.write(text.encode()))
 
 
 def evaluate(
@@ -68,6 +90,7 @@ def evaluate(
     pr_samples: int = 10_000,
     pr_k: int = 3,
     seed: int = 0,
+    report: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """FID, KID (mean, std) and k-NN precision / recall of ``samples_dir`` against ``ref``.
 
@@ -89,29 +112,38 @@ def evaluate(
         pr_samples: rows of each set used by precision / recall (seeded subset).
         pr_k: neighbourhood size of precision / recall.
         seed: seed of every subset choice.
-    """
-    if device is None:
-        import torch
+        report: called with the result before it is written to ``out_json``, so a failed write
+            loses nothing (the command line prints it).
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    Every input is checked before any feature is computed: the device, ``out_json`` (writable,
+    not a folder), the sample and reference sets (present, enough of them) and the Inception
+    weights (loaded).
+    """
+    if batch_size < 1:
+        raise UsageError(f"--batch-size {batch_size}: must be at least 1")
+    if min_samples < 2:
+        raise UsageError(f"--min-samples {min_samples}: FID needs at least 2 samples")
+    device = resolve_device(device)
+    if out_json is not None:
+        check_writable(out_json, what="--out", folder=False)
     source = _samples_source(samples_dir)
     fid.check_num_samples(len(source), min_samples=min_samples)
-    weights = resolve_weights_path(weights_path)
-    model = None
-
-    def get_model() -> FIDInception:
-        nonlocal model
-        if model is None:
-            model = FIDInception(weights_path=str(weights))
-        return model
-
     ref_path = Path(ref)
+    ref_files = None
     if ref_path.is_file():
-        stats = fid.load_statistics(ref_path)
+        stats = _check_statistics(fid.load_statistics(ref_path), ref_path)
         ref_note = str(ref_path)
-    else:
+    elif ref_path.is_dir():
         ref_files = fid.list_images(ref_path, samples=False)
         fid.check_num_samples(len(ref_files), min_samples=min_samples, what="reference images")
+    else:
+        raise fid.EvalInputMissing(
+            f"--ref {ref_path}: no such folder of reference images or statistics .npz"
+        )
+    weights = resolve_weights_path(weights_path)
+    model = FIDInception(weights_path=str(weights))
+
+    if ref_files is not None:
         cache = Path(ref_cache) if ref_cache else _cache_dir() / (
             f"{ref_path.resolve().name}-{_folder_key(ref_files, weights)}.npz"
         )
@@ -119,7 +151,7 @@ def evaluate(
             stats = fid.load_statistics(cache)
         else:
             feats = fid.compute_features(
-                get_model(), ref_files, batch_size=batch_size, device=device,
+                model, ref_files, batch_size=batch_size, device=device,
                 progress=progress, desc="reference",
             )
             mu, sigma = fid.feature_statistics(feats)
@@ -127,13 +159,20 @@ def evaluate(
             if n_ref > max_ref_features:
                 keep = np.random.default_rng(seed).choice(n_ref, max_ref_features, False)
                 feats = feats[np.sort(keep)]
-            fid.save_statistics(cache, mu=mu, sigma=sigma, features=feats, num_samples=n_ref,
-                                source=str(ref_path.resolve()))
-            stats = fid.load_statistics(cache)
-        ref_note = f"{ref_path} (statistics cached at {cache})"
+            # the same arrays (and dtypes) a later run reads back from the cache
+            stats = {"mu": np.asarray(mu, np.float64), "sigma": np.asarray(sigma, np.float64),
+                     "features": np.asarray(feats, np.float32), "num_samples": np.int64(n_ref)}
+            try:
+                fid.save_statistics(cache, mu=mu, sigma=sigma, features=feats,
+                                    num_samples=n_ref, source=str(ref_path.resolve()))
+            except OSError as exc:
+                print(f"[ldm-smd] warning: the reference statistics could not be cached at "
+                      f"{cache} ({exc.strerror or exc}); they will be computed again next time")
+                cache = None
+        ref_note = f"{ref_path} (statistics cached at {cache})" if cache else str(ref_path)
 
     feats = fid.compute_features(
-        get_model(), source, batch_size=batch_size, device=device, progress=progress,
+        model, source, batch_size=batch_size, device=device, progress=progress,
         desc="samples",
     )
     if len(feats) < feats.shape[1]:  # smoke tests only: exact low-rank form, no 2048-d eigh
@@ -163,12 +202,14 @@ def evaluate(
         result["precision"], result["recall"] = fid.precision_recall(ra, fa, k=pr_k)
     else:
         result["note"] = "reference .npz has no features: KID and precision/recall skipped"
+    if report is not None:
+        report(result)
     if out_json is not None:
-        out = Path(out_json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(result, indent=2, default=_json_default) + "\n")
-        os.replace(tmp, out)
+        try:
+            write_result(result, out_json)
+        except OutputError as exc:
+            kept = "the metrics were printed above" if report is not None else "nothing kept"
+            raise OutputError(f"{exc}; {kept}") from exc
     return result
 
 

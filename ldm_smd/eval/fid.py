@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ldm_smd.errors import LdmSmdError
+
 FID_MIN_SAMPLES = 2048
 FID_STANDARD_SAMPLES = 50_000
 SAMPLE_EXTS = (".png", ".bmp", ".tif", ".tiff", ".ppm")
@@ -32,8 +34,16 @@ REF_EXTS = SAMPLE_EXTS + (".jpg", ".jpeg", ".webp")
 LOSSY_EXTS = (".jpg", ".jpeg", ".webp")
 
 
-class TooFewSamples(ValueError):
+class TooFewSamples(LdmSmdError, ValueError):
     """Fewer samples than a metric needs."""
+
+
+class EvalInputError(LdmSmdError, ValueError):
+    """A sample or reference folder, array or statistics file that cannot be used."""
+
+
+class EvalInputMissing(LdmSmdError, FileNotFoundError):
+    """A sample or reference folder or file that does not exist."""
 
 
 # ------------------------------------------------------------------------------ images
@@ -43,12 +53,12 @@ def list_images(folder: str | os.PathLike, *, samples: bool) -> list[Path]:
     """Image files under ``folder`` (recursive, sorted). ``samples=True`` refuses lossy formats."""
     root = Path(folder)
     if not root.is_dir():
-        raise FileNotFoundError(f"image folder not found: {root}")
+        raise EvalInputMissing(f"image folder not found: {root}")
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in REF_EXTS and p.is_file())
     if samples:
         lossy = [p for p in files if p.suffix.lower() in LOSSY_EXTS]
         if lossy:
-            raise ValueError(
+            raise EvalInputError(
                 f"{root}: {len(lossy)} sample files are lossy (e.g. {lossy[0].name}); save "
                 f"samples as PNG, since JPEG compression shifts FID by several points"
             )
@@ -59,16 +69,23 @@ def load_uint8_array(path: str | os.PathLike) -> np.ndarray:
     """An ``.npz`` / ``.npy`` of uint8 images ``(N, H, W, C)``: key ``images`` (our
     ``samples.npz``), ``arr_0`` (OpenAI's convention) or ``samples``."""
     path = Path(path)
-    data = np.load(path)
-    if isinstance(data, np.lib.npyio.NpzFile):
-        keys = [k for k in ("images", "arr_0", "samples") if k in data.files]
-        if not keys:
-            raise ValueError(f"{path}: no 'images', 'arr_0' or 'samples' array; has {data.files}")
-        key = keys[0]
-        data = data[key]
+    try:
+        data = np.load(path)
+        if isinstance(data, np.lib.npyio.NpzFile):
+            keys = [k for k in ("images", "arr_0", "samples") if k in data.files]
+            if not keys:
+                raise EvalInputError(
+                    f"{path}: no 'images', 'arr_0' or 'samples' array; has {data.files}"
+                )
+            key = keys[0]
+            data = data[key]
+    except LdmSmdError:
+        raise
+    except (OSError, ValueError, EOFError, KeyError) as exc:  # what np.load raises on a bad file
+        raise EvalInputError(f"{path} is not a readable .npz/.npy of images: {exc}") from exc
     if data.dtype != np.uint8 or data.ndim != 4:
-        raise ValueError(f"{path}: expected uint8 (N, H, W, C) images, got {data.dtype} "
-                         f"{data.shape}")
+        raise EvalInputError(f"{path}: expected uint8 (N, H, W, C) images, got {data.dtype} "
+                             f"{data.shape}")
     return data
 
 
@@ -289,10 +306,15 @@ def save_statistics(
 
 def load_statistics(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Read an ``.npz`` with ``mu`` and ``sigma`` (pytorch-fid's format) and maybe ``features``."""
-    with np.load(Path(path)) as data:
-        missing = [k for k in ("mu", "sigma") if k not in data.files]
-        if missing:
-            raise ValueError(
-                f"{path}: reference statistics need arrays {missing}; has {data.files}"
-            )
-        return {k: data[k] for k in data.files}
+    try:
+        with np.load(Path(path)) as data:
+            missing = [k for k in ("mu", "sigma") if k not in data.files]
+            if missing:
+                raise EvalInputError(
+                    f"{path}: reference statistics need arrays {missing}; has {data.files}"
+                )
+            return {k: data[k] for k in data.files}
+    except LdmSmdError:
+        raise
+    except (OSError, ValueError, EOFError, KeyError, AttributeError) as exc:
+        raise EvalInputError(f"{path} is not a readable statistics .npz: {exc}") from exc

@@ -30,6 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import inception as tv_inception
 
+from ldm_smd.checkpoints import CheckpointError, load_checkpoint
+from ldm_smd.errors import LdmSmdError
+
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_ENV = "LDM_SMD_INCEPTION_WEIGHTS"
 WEIGHTS_URL = (
@@ -39,8 +42,12 @@ FEATURE_DIM = 2048
 INPUT_SIZE = 299
 
 
-class InceptionWeightsMissing(FileNotFoundError):
+class InceptionWeightsMissing(LdmSmdError, FileNotFoundError):
     """The FID Inception weights file is not on disk."""
+
+
+class InceptionWeightsError(LdmSmdError, ValueError):
+    """The FID Inception weights file is not the pytorch-fid state dict."""
 
 
 def default_weights_path() -> Path:
@@ -151,16 +158,23 @@ class FIDInception(nn.Module):
         path = resolve_weights_path(weights_path)
         self.weights_path = str(path)
         net = build_fid_inception()
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = load_checkpoint(path, map_location="cpu")
+        except CheckpointError as exc:
+            raise InceptionWeightsError(
+                f"FID Inception weights: {exc} (expected {WEIGHTS_NAME} from {WEIGHTS_URL})"
+            ) from exc
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
         if not isinstance(state, dict):
-            raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
+            raise InceptionWeightsError(
+                f"{path}: expected a state dict, got {type(state).__name__}"
+            )
         expected = net.state_dict()
         missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
         unexpected = [k for k in state if k not in expected]
         if missing or unexpected:
-            raise ValueError(
+            raise InceptionWeightsError(
                 f"{path} is not the FID Inception state dict: missing keys {missing[:8]}"
                 f"{'...' if len(missing) > 8 else ''}, unexpected keys {unexpected[:8]}"
                 f"{'...' if len(unexpected) > 8 else ''}"
