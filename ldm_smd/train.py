@@ -19,11 +19,7 @@ loaded), the data (the dataset is built, so an empty folder is an error here) an
 from __future__ import annotations
 
 import importlib.util
-import logging
-import re
-import shutil
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +28,6 @@ import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
-from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
 from ldm_smd.callbacks import (
     AtomicCheckpointIO,
@@ -50,6 +45,7 @@ from ldm_smd.checkpoints import (
     load_checkpoint,
 )
 from ldm_smd.config import ConfigError, instantiate, load_config, save_config
+from ldm_smd.console import final_loss, quiet_lightning, where
 from ldm_smd.errors import (
     WRITE_ERRNOS,
     DataError,
@@ -58,120 +54,17 @@ from ldm_smd.errors import (
     UsageError,
     describe_os_error,
 )
-
-LAST = "last.ckpt"
-#: what a run writes into its run_dir (and all that ``overwrite`` removes)
-RUN_ENTRIES = ("config.yaml", "checkpoints", "logs", "samples", "reconstructions")
-
-
-# ----------------------------------------------------------------------------- the console
-
-#: Lightning warnings that do not apply to runs built here, ignored by message and category
-#: (every other warning is shown):
-HARMLESS_WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
-    # the frozen first stage (and LPIPS's VGG trunk) are in eval mode on purpose
-    (r"Found \d+ module\(s\) in eval mode", PossibleUserWarning),
-    # ImageDataModule checkpoints the data position itself (its state_dict: epoch and batches
-    # done) and restarts the seeded sampler there, so a mid-epoch resume is exact
-    # (tests/test_resume.py); Lightning only looks for that interface on the DataLoader object
-    (r"You're resuming from a checkpoint that ended before the epoch ended", PossibleUserWarning),
-    # stage 1 optimises manually; its checkpoints hold the state after the step, which is what
-    # an exact resume needs (the warning offers a recipe for the state before the step)
-    (r"Using ModelCheckpoint with manual optimization", UserWarning),
-    # only a resume reaches a checkpoints/ folder that holds checkpoints (train refuses
-    # otherwise), and one moved or copied run folder changes the dirpath on purpose
-    (r"Checkpoint directory .* exists and is not empty", UserWarning),
-    (r"The dirpath has changed from", UserWarning),
-    # Lightning's own use of a torch API that torch deprecates; nothing of ours calls it
-    (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning),
+from ldm_smd.run_folder import (
+    LAST,
+    existing_run,
+    kept,
+    refuse_existing_run,
+    remove_failed_start,
+    remove_new_empty_folders,
+    remove_previous_run,
+    remove_stale_temporaries,
+    resolve_resume,
 )
-#: Lightning's info lines that say nothing about this run (banners, tips, its own stop line:
-#: the end of ``train`` prints what ran), dropped by their start
-HARMLESS_INFO = (
-    "GPU available:", "TPU available:", "HPU available:", "LOCAL_RANK:", "💡 Tip:",
-    "`Trainer.fit` stopped:",
-    "Restoring states from the checkpoint path", "Restored all states from the checkpoint",
-)
-
-
-class _DropHarmlessInfo(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.getMessage()).lstrip().startswith(HARMLESS_INFO)
-
-
-_INFO_FILTER = _DropHarmlessInfo()
-
-
-def quiet_lightning() -> None:
-    """Filter Lightning's known-harmless warnings and banner lines (idempotent).
-
-    Only the entries of :data:`HARMLESS_WARNINGS` and :data:`HARMLESS_INFO` are dropped; the
-    model summary is off by default through ``trainer.enable_model_summary`` (see
-    :func:`build_trainer`).
-    """
-    for message, category in HARMLESS_WARNINGS:
-        warnings.filterwarnings("ignore", message=message, category=category)
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
-                 "lightning.pytorch.accelerators.cuda"):
-        logger = logging.getLogger(name)
-        if _INFO_FILTER not in logger.filters:
-            logger.addFilter(_INFO_FILTER)
-
-
-# ----------------------------------------------------------------------------- run folders
-
-
-def resolve_resume(resume: str | Path) -> tuple[Path, Path]:
-    """``(run_dir, checkpoint)`` from a run folder or a checkpoint path."""
-    resume = Path(resume)
-    if resume.is_dir():
-        ckpt = resume / "checkpoints" / LAST
-        if not ckpt.is_file():
-            raise CheckpointError(f"--resume {resume}: no checkpoint at {ckpt}")
-        return resume, ckpt
-    if resume.is_file():
-        run_dir = resume.parent.parent if resume.parent.name == "checkpoints" else resume.parent
-        return run_dir, resume
-    raise CheckpointError(f"--resume {resume}: no such run folder or checkpoint")
-
-
-def existing_run(run_dir: Path) -> list[str]:
-    """The entries of :data:`RUN_ENTRIES` that ``run_dir`` already holds (empty folders aside)."""
-    found = []
-    for name in RUN_ENTRIES:
-        path = run_dir / name
-        if path.is_file() or (path.is_dir() and any(path.iterdir())):
-            found.append(name + ("/" if path.is_dir() else ""))
-    return found
-
-
-def _describe_run(run_dir: Path) -> str:
-    ckpts = sorted((run_dir / "checkpoints").glob("*.ckpt")) if (
-        run_dir / "checkpoints").is_dir() else []
-    steps = [int(m.group(1)) for p in ckpts if (m := re.fullmatch(r"step=(\d+)\.ckpt", p.name))]
-    if not ckpts:
-        return "no checkpoint yet"
-    latest = f", latest step={max(steps)}.ckpt" if steps else ""
-    return f"{len(ckpts)} checkpoint(s){latest}"
-
-
-def _refuse_existing_run(run_dir: Path, entries: list[str]) -> OutputError:
-    return OutputError(
-        f"run_dir {run_dir} already holds a run ({', '.join(entries)}; {_describe_run(run_dir)})"
-        f" and nothing in it was changed: continue it with `ldm-smd train --resume {run_dir}`, "
-        f"start it over with --overwrite (deletes {', '.join(entries)}), or give a new "
-        f"run_dir=..."
-    )
-
-
-def _remove_previous_run(run_dir: Path, entries: list[str]) -> None:
-    for name in entries:
-        path = run_dir / name.rstrip("/")
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
-    print(f"[ldm-smd] --overwrite: deleted the previous run in {run_dir} ({', '.join(entries)})")
 
 
 def _is_first_process() -> bool:
@@ -309,13 +202,6 @@ def _report_learning_rate(config: dict[str, Any], trainer: L.Trainer) -> None:
     )
 
 
-def _remove_stale_temporaries(folder: Path) -> None:
-    """Delete half-written checkpoint temporaries a killed run left behind."""
-    for tmp in sorted(folder.glob(".*.tmp")):
-        print(f"[ldm-smd] removing incomplete checkpoint write {tmp}")
-        tmp.unlink(missing_ok=True)
-
-
 def _first_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     return lines[0] if lines else type(exc).__name__
@@ -379,71 +265,18 @@ def _check_preview_sampler(model: Any, config: dict[str, Any]) -> None:
                           "model.params.sampler.steps")
 
 
-def _remove_failed_start(run_dir: Path, before: set[Path], *, made_run_dir: bool) -> None:
-    """A new run that failed before its first step (say, an undecodable first batch) leaves
-    nothing behind: what this attempt wrote of :data:`RUN_ENTRIES` is removed, and the run
-    folder too when this attempt made it, so the same command can simply be run again."""
-    for name in RUN_ENTRIES:
-        path = run_dir / name
-        if path in before or not path.exists():
-            continue
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-    if made_run_dir and not any(run_dir.iterdir()):
-        run_dir.rmdir()
-
-
-def _remove_new_empty_folders(run_dir: Path, before: set[Path]) -> None:
-    """After a failed start, remove the (empty) folders this attempt made, e.g. a logger's."""
-    for path in sorted(run_dir.rglob("*"), reverse=True):
-        if path.is_dir() and path not in before and not any(path.iterdir()):
-            path.rmdir()
-
-
-def _kept(run_dir: Path) -> str:
-    last = run_dir / "checkpoints" / LAST
-    if last.is_file():
-        return (f"the last complete checkpoint {last} is kept; resume with "
-                f"`ldm-smd train --resume {run_dir}`")
-    return "no checkpoint of this run was written yet"
-
-
-def _final_loss(trainer: L.Trainer) -> str:
-    """The training loss the progress bar showed last (``train/loss``, stage 1's
-    ``train/rec_loss``), or the first ``train/*`` metric."""
-    for metrics in (trainer.progress_bar_metrics, trainer.callback_metrics):
-        keys = sorted(k for k in metrics if str(k).startswith("train/"))
-        if keys:
-            key = "train/loss" if "train/loss" in keys else keys[0]
-            return f"; final {key} {float(metrics[key]):.4g}"
-    return ""
-
-
-def _where(run_dir: Path, trainer: L.Trainer) -> str:
-    logs = []
-    for logger in trainer.loggers:
-        if isinstance(logger, CSVLogger):
-            logs.append(str(Path(logger.log_dir) / "metrics.csv"))
-        elif isinstance(logger, TensorBoardLogger):
-            logs.append(f"TensorBoard: tensorboard --logdir {run_dir / 'logs'}")
-    return (f"[ldm-smd] checkpoints: {run_dir / 'checkpoints'} ({LAST}); logs: "
-            + ("; ".join(logs) if logs else "none (logging.csv and logging.tensorboard are off)"))
-
-
 def _fit(trainer: L.Trainer, model: Any, datamodule: Any, *, ckpt_path: Path | None,
          run_dir: Path) -> None:
     """``trainer.fit``; a failed write or a checkpoint that does not fit is a named error."""
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
     except OutputError as exc:
-        raise OutputError(f"{exc}; {_kept(run_dir)}") from exc
+        raise OutputError(f"{exc}; {kept(run_dir)}") from exc
     except OSError as exc:
         if exc.errno not in WRITE_ERRNOS:
             raise
         raise OutputError(
-            f"could not write {describe_os_error(exc, exc.filename or run_dir)}; {_kept(run_dir)}"
+            f"could not write {describe_os_error(exc, exc.filename or run_dir)}; {kept(run_dir)}"
         ) from exc
     except RuntimeError as exc:
         if ckpt_path is None or "Error(s) in loading state_dict" not in str(exc):
@@ -493,7 +326,7 @@ def train(
         if ckpt_path is None:
             previous = existing_run(run_dir)
             if previous and not overwrite:
-                raise _refuse_existing_run(run_dir, previous)
+                raise refuse_existing_run(run_dir, previous)
 
     L.seed_everything(int(config.get("seed", 0)), workers=True, verbose=False)
     model = build_block("model", config["model"])
@@ -510,9 +343,9 @@ def train(
     )
     # every check passed: from here on the run folder is written
     if previous:
-        _remove_previous_run(run_dir, previous)
+        remove_previous_run(run_dir, previous)
     if ckpt_path is not None:
-        _remove_stale_temporaries(ckpt_path.parent)
+        remove_stale_temporaries(ckpt_path.parent)
     _report_learning_rate(config, trainer)
     before = set(run_dir.rglob("*")) if run_dir.is_dir() else set()
     try:
@@ -520,9 +353,9 @@ def train(
     except BaseException:
         if run_dir.is_dir() and _is_first_process():
             if ckpt_path is None and trainer.global_step == 0:
-                _remove_failed_start(run_dir, before, made_run_dir=not run_dir_existed)
+                remove_failed_start(run_dir, before, made_run_dir=not run_dir_existed)
             else:
-                _remove_new_empty_folders(run_dir, before)
+                remove_new_empty_folders(run_dir, before)
         raise
     last = run_dir / "checkpoints" / LAST
     # FinalCheckpoint wrote the final state unless no batch ran (every rank takes part)
@@ -534,7 +367,7 @@ def train(
         session = (f" (step {run_start.start_step} -> {trainer.global_step})"
                    if ckpt_path is not None else "")
         print(f"[ldm-smd] trained {steps} steps in this session{session} in {seconds:.1f} s"
-              f"{_final_loss(trainer)}")
-        print(_where(run_dir, trainer))
+              f"{final_loss(trainer)}")
+        print(where(run_dir, trainer, LAST))
     return {"run_dir": run_dir, "checkpoint": last, "seconds": seconds, "trainer": trainer}
 

@@ -15,7 +15,7 @@ import tiny_configs
 from ldm_smd.callbacks import StepRichProgressBar, StepTQDMProgressBar
 from ldm_smd.cli import build_parser
 from ldm_smd.cli import main as cli
-from ldm_smd.train import HARMLESS_INFO, HARMLESS_WARNINGS
+from ldm_smd.console import HARMLESS_INFO, HARMLESS_WARNINGS
 
 DEMO = tiny_configs.DEMO
 TINY_AE = tiny_configs.QUIET + tiny_configs.tiny_data(batch=2, length=8) + [
