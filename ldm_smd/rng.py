@@ -7,15 +7,57 @@ from ``torch.Generator().manual_seed(seed + i)``, however the samples are split 
 
 Draws happen on the generator's device and are then moved, so a CPU generator gives the same
 numbers whatever device the model runs on.
+
+Seeds: every seed the package derives from a run's seed ``S`` comes from :func:`derive_seed`,
+``derive_seed(S, *keys)``, never from ``S + offset`` (two runs whose seeds differ by the offset
+would share a stream). Where one seed feeds several purposes, the first key names the purpose
+with a constant of its module, so no two purposes can meet:
+
+- a training step (stage 2): ``derive_seed(S, TRAIN_STREAM, step, rank, stream)``
+  (:mod:`ldm_smd.models.diffusion`); a validation batch ``derive_seed(S, VALIDATION_STREAM, i)``;
+- the data order of epoch ``e`` (image data): ``derive_seed(seed, ORDER_STREAM, e, salt)``
+  (:mod:`ldm_smd.data.datamodule`); batch ``k`` of a Gaussian mixture on rank ``r``:
+  ``derive_seed(seed, MIXTURE_STREAM, k, r)`` (:mod:`ldm_smd.data.mixture_data`);
+- the known-truth benchmark's sampling and scoring (:mod:`ldm_smd.bench`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 GeneratorLike = torch.Generator | Sequence[torch.Generator] | None
+
+_MASK64 = (1 << 64) - 1
+_MASK63 = (1 << 63) - 1
+
+
+def derive_seed(seed: int, *keys: int) -> int:
+    """A seed for stream ``keys`` of a run seeded ``seed``: one place for every derived seed.
+
+    The result is a deterministic, well-mixed function of ``(seed, *keys)`` in ``[0, 2**63)``
+    (usable by ``torch.Generator.manual_seed``, ``numpy.random.default_rng`` and ``random.seed``):
+    numpy's ``SeedSequence(seed, spawn_key=keys)``, the scheme numpy uses for independent child
+    streams, reduced to 63 bits. Different ``(seed, keys)`` give unrelated streams, so unlike
+    ``seed + i`` no two seeds share a stream, and ``derive_seed(s, a, b)`` is a stream of its
+    own, distinct from ``derive_seed(s, a)`` and ``derive_seed(s, b)``. Negative numbers are
+    taken modulo ``2**64``. Stable across versions: the values are pinned by a test.
+
+    Args:
+        seed: the run's seed (any integer).
+        keys: the stream's coordinates, e.g. the sample index, or (step, rank, purpose).
+    """
+    entropy = int(seed) & _MASK64
+    spawn_key = tuple(int(k) & _MASK64 for k in keys)
+    words = np.random.SeedSequence(entropy, spawn_key=spawn_key).generate_state(2, np.uint32)
+    return ((int(words[1]) << 32) | int(words[0])) & _MASK63
+
+
+def generator(seed: int, *keys: int) -> torch.Generator:
+    """A CPU ``torch.Generator`` seeded ``derive_seed(seed, *keys)``."""
+    return torch.Generator().manual_seed(derive_seed(seed, *keys))
 
 
 def row_generators(seed: int, start: int, count: int) -> list[torch.Generator]:
