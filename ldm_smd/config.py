@@ -9,6 +9,12 @@ A config file has these top-level sections::
     trainer: {...}              # keyword arguments of lightning.Trainer
     checkpoint: {every_n_train_steps: 500, save_top_k: 1}
     logging: {tensorboard: true, csv: true}
+    bench: {methods: {NAME: {...}}, T_list: [...], seeds: [...], ...}   # benchmark configs only
+
+A benchmark config (``configs/mixture/``) is an ordinary run config with a ``bench:`` block
+(:mod:`ldm_smd.bench.spec`): its methods are overrides of ``model.params``, and the loader checks
+the model of every method and the config its ``quick`` overrides make, so a misspelt key anywhere
+is refused before any work.
 
 :func:`load_config` reads a file and applies overrides: ``a.b.c=value`` sets a key (a mapping
 value replaces the whole block), ``~a.b.c`` deletes one; :func:`validate_config`
@@ -41,6 +47,7 @@ TOP_LEVEL_KEYS = {
     "checkpoint": "checkpointing: every_n_train_steps, save_top_k",
     "logging": "loggers (tensorboard, csv: bool) and sample grids (sample_every_n_steps, sample_n)",
     "nan_guard": "non-finite loss or gradient: action (stop | skip), max_skips",
+    "bench": "benchmark runs of this config: methods, T_list, seeds, ... (ldm-smd bench-mixture)",
 }
 CHECKPOINT_KEYS = {"every_n_train_steps": int, "save_top_k": int}
 LOGGING_KEYS = {"tensorboard": bool, "csv": bool, "sample_every_n_steps": int, "sample_n": int}
@@ -87,15 +94,24 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, An
         raise ConfigError(f"config file {path} could not be parsed: {exc}") from exc
     if not isinstance(conf, DictConfig):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    config = apply_overrides(conf, overrides, source=str(path))
+    validate_config(config, source=str(path))
+    return config
+
+
+def apply_overrides(conf: DictConfig, overrides: Sequence[str], *, source: str) -> dict:
+    """Apply ``key=value`` / ``~key`` overrides to ``conf``; return the resolved plain dict."""
     for item in overrides:
         if item.startswith("~"):
-            _delete(conf, item[1:], source=str(path))
+            _delete(conf, item[1:], source=source)
             continue
         key, value = _parse_override(item)
         OmegaConf.update(conf, key, value, merge=False, force_add=True)
-    config = OmegaConf.to_container(conf, resolve=True)
+    try:
+        config = OmegaConf.to_container(conf, resolve=True)
+    except Exception as exc:  # omegaconf raises several interpolation error types
+        raise ConfigError(f"{source}: {exc}") from exc
     assert isinstance(config, dict)
-    validate_config(config, source=str(path))
     return config
 
 
@@ -252,6 +268,9 @@ def validate_spec(spec: Any, *, key: str) -> None:
         raise ConfigError(
             f"{key}.params: missing required parameter(s) {missing} of {spec['target']}"
         )
+    check = getattr(obj, "check_config", None)  # what a signature cannot say (a class's own)
+    if callable(check):
+        check(params, key=key)
 
 
 def _check_section(config: Mapping[str, Any], name: str, allowed: dict[str, type]) -> None:
@@ -305,6 +324,10 @@ def validate_config(config: Mapping[str, Any], *, source: str = "config") -> Non
     action = (config.get("nan_guard") or {}).get("action", "stop")
     if action not in ("stop", "skip"):
         raise ConfigError(f"nan_guard.action: {action!r} is not one of: stop, skip")
+    if config.get("bench") is not None:
+        from ldm_smd.bench.spec import validate_bench  # the benchmark's part of the language
+
+        validate_bench(config, source=source)
 
 
 def instantiate(spec: Mapping[str, Any], **extra: Any) -> Any:
