@@ -4,7 +4,7 @@
     ldm-smd sample --ckpt PATH [--sampler ddpm|ddim|dpmpp] [--steps N] [--n N] [--seed S] --out DIR
     ldm-smd scale-factor --ckpt STAGE1 --config DATA.yaml [--batches N] [--write STAGE2.yaml]
     ldm-smd eval --samples DIR --ref DIR_OR_NPZ [--out FILE.json]
-    ldm-smd bench-mixture --config configs/mixture/NAME.yaml [--out DIR]
+    ldm-smd bench-mixture --config configs/mixture/NAME.yaml [key.path=value ...] [--out DIR]
 """
 
 from __future__ import annotations
@@ -55,12 +55,12 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
 
 def _cmd_bench_mixture(args: argparse.Namespace) -> None:
-    from ldm_smd.eval.mixture_bench import run_mixture_benchmark
+    from ldm_smd.bench.runner import run_mixture_benchmark
 
     out = args.out or Path("runs") / "mixture" / Path(args.config).stem
     result = run_mixture_benchmark(
-        args.config, out_dir=out, quick=args.quick, seeds=args.seeds, T_list=args.T,
-        workers=args.workers,
+        args.config, out_dir=out, overrides=args.overrides, quick=args.quick, seeds=args.seeds,
+        T_list=args.T, workers=args.workers, methods=args.methods,
     )
     print(result.get("table", ""))
     print(f"[ldm-smd] mixture benchmark written to {out}")
@@ -115,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="override the seeds")
     p.add_argument("--T", type=int, nargs="+", default=None, help="override the list of T")
     p.add_argument("--workers", type=int, default=None, help="parallel training processes")
+    p.add_argument("--methods", nargs="+", default=None, help="a subset of bench.methods")
+    p.add_argument("overrides", nargs="*", help="key.path=value overrides")
     p.set_defaults(func=_cmd_bench_mixture)
     return parser
 

@@ -143,6 +143,23 @@ def build_trainer(
     )
 
 
+def build_run(
+    config: dict[str, Any], run_dir: Path, *, extra_callbacks: tuple[Any, ...] = (),
+    resuming: bool = False,
+) -> tuple[L.LightningModule, L.LightningDataModule, L.Trainer]:
+    """The model, data and Trainer of a validated config, the global RNGs seeded by its
+    ``seed`` first (so the network's initialisation is a function of the seed): what
+    :func:`train` fits, and what the benchmark (:mod:`ldm_smd.bench.runner`) fits for each run."""
+    L.seed_everything(int(config.get("seed", 0)), workers=True, verbose=False)
+    model = instantiate(config["model"])
+    datamodule = instantiate(config["data"])
+    trainer = build_trainer(
+        config, run_dir, extra_callbacks=extra_callbacks,
+        shards_by_rank=bool(getattr(datamodule, "shards_by_rank", False)), resuming=resuming,
+    )
+    return model, datamodule, trainer
+
+
 @rank_zero_only
 def _report_learning_rate(config: dict[str, Any], trainer: L.Trainer) -> None:
     params = config["model"].get("params") or {}
@@ -202,13 +219,8 @@ def train(
         _remove_stale_temporaries(ckpt_path.parent)
         extra.append(_SaveConfigOnStart(config=config, path=run_dir / "config.yaml"))
 
-    L.seed_everything(int(config.get("seed", 0)), workers=True, verbose=False)
-    model = instantiate(config["model"])
-    datamodule = instantiate(config["data"])
-    trainer = build_trainer(
-        config, run_dir, extra_callbacks=tuple(extra),
-        shards_by_rank=bool(getattr(datamodule, "shards_by_rank", False)),
-        resuming=ckpt_path is not None,
+    model, datamodule, trainer = build_run(
+        config, run_dir, extra_callbacks=tuple(extra), resuming=ckpt_path is not None
     )
     _report_learning_rate(config, trainer)
     trainer.fit(model, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
