@@ -59,11 +59,6 @@ def _test_pause(path: Path) -> None:
         time.sleep(float(pause))
 
 
-def save_checkpoint(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` ``obj`` to ``path`` atomically."""
-    return atomic_write(path, lambda handle: torch.save(obj, handle))
-
-
 def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu") -> Any:
     """Load a checkpoint without executing code.
 
@@ -130,8 +125,3 @@ def load_state_dict_strict(
 def _abbrev(keys: list[str], limit: int = 20) -> str:
     shown = ", ".join(keys[:limit])
     return shown + (f", ... (+{len(keys) - limit} more)" if len(keys) > limit else "")
-
-
-def strip_prefix(state_dict: Mapping[str, Any], prefix: str) -> dict[str, Any]:
-    """The entries of ``state_dict`` under ``prefix``, with the prefix removed."""
-    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}

@@ -16,7 +16,7 @@ import torch
 import yaml
 from PIL import Image
 
-from ldm_smd.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+from ldm_smd.checkpoints import CheckpointError, load_checkpoint
 from ldm_smd.cli import main as cli
 from ldm_smd.config import ConfigError, load_config
 from ldm_smd.data.decode import CorruptImageError
@@ -162,7 +162,8 @@ def test_checkpoint_missing_keys_are_listed(tmp_path, stage2):
     dropped = next(k for k in state["state_dict"] if k.startswith("model.diffusion_model."))
     del state["state_dict"][dropped]
     state["state_dict"]["model.unexpected"] = torch.zeros(1)
-    path = save_checkpoint(state, tmp_path / "broken.ckpt")
+    path = tmp_path / "broken.ckpt"
+    torch.save(state, path)
     with pytest.raises(CheckpointError) as err:
         load_diffusion_checkpoint(path)
     assert "missing keys (1)" in str(err.value) and dropped in str(err.value)

@@ -24,6 +24,7 @@ from pathlib import Path
 import lmdb
 import numpy as np
 
+from ldm_smd.checkpoints import atomic_write
 from ldm_smd.data.images import EncodedImageDataset, ImageFolder
 
 INDEX_HEADER = "# ldm-smd lsun key index v1"
@@ -126,12 +127,8 @@ def scan_keys(env: lmdb.Environment) -> list[bytes]:
 
 def write_index(keys: list[bytes], index_file: str | os.PathLike[str]) -> None:
     """Write a key index: a header with the count, then one hex-encoded key per line."""
-    path = Path(index_file)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(f"{INDEX_HEADER} entries={len(keys)}\n")
-        f.writelines(k.hex() + "\n" for k in keys)
-    tmp.replace(path)
+    text = f"{INDEX_HEADER} entries={len(keys)}\n" + "".join(k.hex() + "\n" for k in keys)
+    atomic_write(index_file, lambda handle: handle.write(text.encode()))
 
 
 def read_index(index_file: str | os.PathLike[str]) -> list[bytes]:
