@@ -180,7 +180,26 @@ def _signature_params(obj: Any) -> tuple[dict[str, inspect.Parameter], dict[str,
         hints = typing.get_type_hints(init)
     except Exception:  # unresolvable forward references: skip type checks, keep name checks
         hints = {}
+    for name, p in sig.parameters.items():
+        options = _unpacked(hints.get(name)) if p.kind == p.VAR_KEYWORD else None
+        if options is not None:  # **options: Unpack[SomeTypedDict] names the keywords it takes
+            takes_kwargs = False
+            for key, annotation in typing.get_type_hints(options).items():
+                required = key in getattr(options, "__required_keys__", ())
+                params[key] = inspect.Parameter(
+                    key, inspect.Parameter.KEYWORD_ONLY,
+                    default=inspect.Parameter.empty if required else None,
+                )
+                hints[key] = annotation
     return params, hints, takes_kwargs
+
+
+def _unpacked(annotation: Any) -> Any:
+    """The TypedDict of a ``**kwargs: Unpack[TypedDict]`` annotation, else ``None``."""
+    if annotation is None or getattr(typing.get_origin(annotation), "_name", None) != "Unpack":
+        return None
+    (inner,) = typing.get_args(annotation)
+    return inner if typing.is_typeddict(inner) else None
 
 
 def _type_name(annotation: Any) -> str:

@@ -193,14 +193,10 @@ class ImageDataModule(L.LightningDataModule):
         self._val_spec = validation
         self.batch_size = int(batch_size)
         self.val_batch_size = int(val_batch_size or batch_size)
-        self.num_workers = int(num_workers)
-        self.pin_memory = pin_memory
-        self.persistent_workers = persistent_workers
-        self.prefetch_factor = prefetch_factor
-        self.shuffle = shuffle
-        self.drop_last = drop_last
-        self.image_key = image_key
-        self.seed = int(seed)
+        self.num_workers, self.pin_memory = int(num_workers), pin_memory
+        self.persistent_workers, self.prefetch_factor = persistent_workers, prefetch_factor
+        self.shuffle, self.drop_last = shuffle, drop_last
+        self.image_key, self.seed = image_key, int(seed)
         aug = dict(batch_augment or {})
         aug.setdefault("seed", self.seed)
         self.augment: BatchAugment | None = BatchAugment(**aug) if batch_augment else None

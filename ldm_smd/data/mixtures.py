@@ -74,10 +74,7 @@ class GaussianMixture:
                     f"GaussianMixture: image_shape {image_shape} has {math.prod(image_shape)} "
                     f"values but the means have dimension {d}"
                 )
-        self.means = m
-        self.stds = s
-        self.weights = w
-        self.image_shape = image_shape
+        self.means, self.stds, self.weights, self.image_shape = m, s, w, image_shape
 
     @property
     def num_components(self) -> int:
@@ -224,80 +221,44 @@ def image_prototypes(num_components: int, *, image_size: int = 16, channels: int
 
 
 # --------------------------------------------------------------------------- config targets
-# A mixture is named in a config as a target/params block, e.g.
+# A config names a mixture as a target/params block, e.g.
 # ``{target: ldm_smd.data.mixtures.ring_mixture, params: {num_components: 8, std: 0.1}}``;
-# the loader checks its keys against these signatures. ``GaussianMixture`` itself takes explicit
-# means.
+# the loader checks its keys against these signatures. Every kind also takes ``std`` (one standard
+# deviation for all components, or one each) and ``weights`` (normalised; ``None`` for equal).
 
 Stds = float | list[float]
+Weights = list[float] | None
 
 
-def ring_mixture(
-    *, num_components: int = 8, radius: float = 1.0, dim: int = 2, std: Stds = 1.0,
-    weights: list[float] | None = None,
-) -> GaussianMixture:
-    """``num_components`` Gaussians on a circle of ``radius`` (:func:`ring_means`).
-
-    Args:
-        num_components: number of components.
-        radius: radius of the circle.
-        dim: dimension (the circle lies in the first two coordinates).
-        std: standard deviation, one for all components or one each.
-        weights: mixture weights (normalised); ``None`` for equal weights.
-    """
+def ring_mixture(*, num_components: int = 8, radius: float = 1.0, dim: int = 2,
+                 std: Stds = 1.0, weights: Weights = None) -> GaussianMixture:
+    """``num_components`` Gaussians evenly spaced on a circle of ``radius`` in the first two of
+    ``dim`` coordinates (:func:`ring_means`)."""
     means = ring_means(num_components, radius=radius, dim=dim)
     return GaussianMixture(means=means, stds=std, weights=weights)
 
 
-def grid_mixture(
-    *, side: int = 5, spacing: float = 1.0, dim: int = 2, std: Stds = 1.0,
-    weights: list[float] | None = None,
-) -> GaussianMixture:
-    """A ``side x side`` grid of Gaussians centred on the origin (:func:`grid_means`).
-
-    Args:
-        side: components per row and column.
-        spacing: distance between neighbouring means.
-        dim: dimension (the grid lies in the first two coordinates).
-        std: standard deviation, one for all components or one each.
-        weights: mixture weights (normalised); ``None`` for equal weights.
-    """
-    means = grid_means(side, spacing=spacing, dim=dim)
-    return GaussianMixture(means=means, stds=std, weights=weights)
+def grid_mixture(*, side: int = 5, spacing: float = 1.0, dim: int = 2, std: Stds = 1.0,
+                 weights: Weights = None) -> GaussianMixture:
+    """A ``side x side`` grid of Gaussians ``spacing`` apart, centred on the origin, in the first
+    two of ``dim`` coordinates (:func:`grid_means`)."""
+    return GaussianMixture(means=grid_means(side, spacing=spacing, dim=dim), stds=std,
+                           weights=weights)
 
 
-def random_mixture(
-    *, num_components: int = 8, dim: int, scale: float = 1.0, seed: int = 0, std: Stds = 1.0,
-    weights: list[float] | None = None,
-) -> GaussianMixture:
-    """Gaussians around prototypes drawn from ``N(0, scale^2 I)`` (:func:`random_means`).
-
-    Args:
-        num_components: number of components.
-        dim: dimension.
-        scale: standard deviation of the prototypes.
-        seed: seed of the prototypes (fixed per mixture; not a run's seed).
-        std: standard deviation, one for all components or one each.
-        weights: mixture weights (normalised); ``None`` for equal weights.
-    """
-    means = random_means(num_components, dim=dim, scale=scale, seed=seed)
-    return GaussianMixture(means=means, stds=std, weights=weights)
+def random_mixture(*, num_components: int = 8, dim: int, scale: float = 1.0, seed: int = 0,
+                   std: Stds = 1.0, weights: Weights = None) -> GaussianMixture:
+    """Gaussians around ``num_components`` prototypes drawn from ``N(0, scale^2 I_dim)`` with
+    ``seed`` (the mixture's own, fixed; not a run's seed; :func:`random_means`)."""
+    prototypes = random_means(num_components, dim=dim, scale=scale, seed=seed)
+    return GaussianMixture(means=prototypes, stds=std, weights=weights)
 
 
-def image_mixture(
-    *, num_components: int = 8, image_size: int = 16, channels: int = 1, std: Stds = 1.0,
-    weights: list[float] | None = None,
-) -> GaussianMixture:
-    """Gaussians in pixel space around prototype pictures (:func:`image_prototypes`); samples
-    are ``(C, H, W)`` images.
-
-    Args:
-        num_components: number of components.
-        image_size: 16 or 32 pixels.
-        channels: 1 (grayscale) or 3 (RGB).
-        std: per-pixel standard deviation, one for all components or one each.
-        weights: mixture weights (normalised); ``None`` for equal weights.
-    """
-    means = image_prototypes(num_components, image_size=image_size, channels=channels)
-    return GaussianMixture(means=means, stds=std, weights=weights,
-                           image_shape=(channels, image_size, image_size))
+def image_mixture(*, num_components: int = 8, image_size: int = 16, channels: int = 1,
+                  std: Stds = 1.0, weights: Weights = None) -> GaussianMixture:
+    """Gaussians in pixel space around prototype pictures of ``image_size`` (16 or 32) pixels
+    and 1 or 3 ``channels`` (:func:`image_prototypes`); samples are ``(C, H, W)`` images and
+    ``std`` is per pixel."""
+    shape = (channels, image_size, image_size)
+    pictures = image_prototypes(num_components, image_size=image_size, channels=channels)
+    return GaussianMixture(means=pictures, stds=std, weights=weights, image_shape=shape)

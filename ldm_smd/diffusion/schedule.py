@@ -57,17 +57,13 @@ def _linear_log_abar(s: np.ndarray, start: float, end: float) -> np.ndarray:
 
 
 def make_betas(
-    kind: str,
-    num_timesteps: int,
-    *,
-    linear_start: float = 1e-4,
-    linear_end: float = 2e-2,
-    cosine_s: float = 8e-3,
-    sigmoid_start: float = -3.0,
-    sigmoid_end: float = 3.0,
-    sigmoid_tau: float = 1.0,
+    kind: str, num_timesteps: int, *, linear: tuple[float, float] = (1e-4, 2e-2),
+    cosine_s: float = 8e-3, sigmoid: tuple[float, float, float] = (-3.0, 3.0, 1.0),
 ) -> np.ndarray:
-    """float64 betas of length ``num_timesteps`` for schedule ``kind`` (see the module doc)."""
+    """float64 betas of length ``num_timesteps`` for schedule ``kind`` (see the module doc):
+    ``linear = (linear_start, linear_end)``, ``sigmoid = (sigmoid_start, sigmoid_end,
+    sigmoid_tau)`` as :class:`NoiseSchedule` names them."""
+    (linear_start, linear_end), (sigmoid_start, sigmoid_end, sigmoid_tau) = linear, sigmoid
     if kind not in SCHEDULE_KINDS:
         raise ValueError(f"schedule kind={kind!r} is not one of {list(SCHEDULE_KINDS)}")
     T = int(num_timesteps)
@@ -143,16 +139,8 @@ class NoiseSchedule:
     ) -> None:
         self.kind = kind
         self.num_timesteps = int(num_timesteps)
-        betas = make_betas(
-            kind,
-            num_timesteps,
-            linear_start=linear_start,
-            linear_end=linear_end,
-            cosine_s=cosine_s,
-            sigmoid_start=sigmoid_start,
-            sigmoid_end=sigmoid_end,
-            sigmoid_tau=sigmoid_tau,
-        )
+        betas = make_betas(kind, num_timesteps, linear=(linear_start, linear_end),
+                           cosine_s=cosine_s, sigmoid=(sigmoid_start, sigmoid_end, sigmoid_tau))
         alphas = 1.0 - betas
         abar = np.cumprod(alphas)
         abar_prev = np.concatenate([[1.0], abar[:-1]])
@@ -278,15 +266,9 @@ def x0_and_eps(
     return a * x_t - s * pred, s * x_t + a * pred
 
 
-def convert_prediction(
-    pred: torch.Tensor,
-    x_t: torch.Tensor,
-    sqrt_abar: float | torch.Tensor,
-    sqrt_one_minus_abar: float | torch.Tensor,
-    *,
-    source: str,
-    target: str,
-) -> torch.Tensor:
+def convert_prediction(pred: torch.Tensor, x_t: torch.Tensor, sqrt_abar: float | torch.Tensor,
+                       sqrt_one_minus_abar: float | torch.Tensor, *, source: str,
+                       target: str) -> torch.Tensor:
     """Convert ``pred`` from parameterization ``source`` to ``target`` (see :func:`x0_and_eps`)."""
     check_parameterization(target)
     x0, eps = x0_and_eps(pred, x_t, sqrt_abar, sqrt_one_minus_abar, source)
