@@ -19,7 +19,6 @@ exactly what an uninterrupted one would have.
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -29,23 +28,16 @@ import torch
 from torch import nn
 
 from ldm_smd import rng
-from ldm_smd.config import ConfigError, import_target, instantiate, is_spec
-from ldm_smd.diffusion.multi_eta import MultiEtaObjective
+from ldm_smd.config import ConfigError, instantiate
 from ldm_smd.diffusion.samplers import Sampler
 from ldm_smd.diffusion.schedule import NoiseSchedule
+from ldm_smd.models.components import check_model_params, component
 from ldm_smd.models.ema import EMA, check_ema_state
 from ldm_smd.models.first_stage import IDENTITY, FirstStage, build_first_stage
 from ldm_smd.rng import GeneratorLike
 
 #: first keys of the seeds derived from ``seed`` (see :mod:`ldm_smd.rng`)
 TRAIN_STREAM, VALIDATION_STREAM = 1, 2
-LR_SCHEDULES = ("constant", "cosine")
-#: the component blocks of the model and the target each defaults to
-COMPONENTS = {
-    "schedule": "ldm_smd.diffusion.schedule.NoiseSchedule",
-    "objective": "ldm_smd.diffusion.objectives.DenoisingObjective",
-    "sampler": "ldm_smd.diffusion.samplers.Sampler",
-}
 
 
 class _DiffusionWrapper(nn.Module):
@@ -126,7 +118,7 @@ class LatentDiffusion(L.LightningModule):
             {"network": network, "latent_shape": latent_shape, "image_size": image_size,
              "channels": channels, "schedule": schedule, "objective": objective,
              "sampler": sampler, "lr_schedule": lr_schedule},
-            key="LatentDiffusion",
+            key="model",
         )
         autoencoder, own_scale, architecture = build_first_stage(
             first_stage, architecture=first_stage_config, load_weights=load_first_stage_weights
@@ -154,11 +146,11 @@ class LatentDiffusion(L.LightningModule):
         self.model_ema = (
             EMA(model=self.model.diffusion_model, decay=ema_decay) if ema_decay else None
         )
-        self.schedule: NoiseSchedule = instantiate(_component(schedule, "schedule"))
+        self.schedule: NoiseSchedule = instantiate(component(schedule, "schedule"))
         self.objective = instantiate(
-            _component(objective, "objective"), parameterization=parameterization
+            component(objective, "objective"), parameterization=parameterization
         )
-        self.sampler: Sampler = instantiate(_component(sampler, "sampler"))
+        self.sampler: Sampler = instantiate(component(sampler, "sampler"))
         self.parameterization = parameterization
         self.latent_shape = tuple(
             int(v) for v in (latent_shape or (channels, image_size, image_size))
@@ -167,60 +159,9 @@ class LatentDiffusion(L.LightningModule):
 
     @classmethod
     def check_config(cls, params: Mapping[str, Any], *, key: str = "model") -> None:
-        """What the signature cannot say, checked when a config is loaded (before any work).
-
-        The component blocks are ``target`` / ``params`` blocks (not the old ``name:`` / bare
-        keyword forms); the objective does not set the parameterization; the latent shape is
-        given one way; and an objective that draws several ``eta`` per example
-        (``MixtureObjective``, ``EnergyObjective``) needs an SMD network, one whose ``forward``
-        takes ``num_eta_samples``. Raises :class:`~ldm_smd.config.ConfigError`.
-        """
-        for name, default in COMPONENTS.items():
-            block = params.get(name)
-            if block is not None and not is_spec(block):
-                raise ConfigError(
-                    f"{key}.params.{name}: expected a target/params block such as "
-                    f"{{target: {default}, params: {{...}}}}, got {dict(block)!r}"
-                )
-        objective = params.get("objective")
-        if objective is not None and "parameterization" in (objective.get("params") or {}):
-            raise ConfigError(
-                f"{key}.params.objective.params.parameterization: set "
-                f"{key}.params.parameterization instead (the network and its objective share it)"
-            )
-        given = [k for k in ("image_size", "channels") if params.get(k) is not None]
-        if params.get("latent_shape") is not None:
-            if given:
-                raise ConfigError(
-                    f"{key}.params: give latent_shape or image_size and channels, not both "
-                    f"(got latent_shape and {', '.join(given)})"
-                )
-            shape = params["latent_shape"]
-            if not shape or any(isinstance(v, bool) or int(v) < 1 for v in shape):
-                raise ConfigError(f"{key}.params.latent_shape: {shape!r} is not a shape")
-        elif len(given) != 2:
-            raise ConfigError(
-                f"{key}.params: missing required parameter(s): 'latent_shape' ([C, H, W] or "
-                f"[D]), or both 'image_size' and 'channels'"
-            )
-        if params.get("lr_schedule", "constant") not in LR_SCHEDULES:
-            raise ConfigError(
-                f"{key}.params.lr_schedule: {params['lr_schedule']!r} is not one of "
-                f"{', '.join(LR_SCHEDULES)}"
-            )
-        network = params.get("network")
-        if objective is None or not is_spec(network):
-            return
-        obj_cls = import_target(objective["target"], key=f"{key}.params.objective.target")
-        net_cls = import_target(network["target"], key=f"{key}.params.network.target")
-        if isinstance(obj_cls, type) and issubclass(obj_cls, MultiEtaObjective):
-            forward = getattr(net_cls, "forward", None)
-            if forward is None or "num_eta_samples" not in inspect.signature(forward).parameters:
-                raise ConfigError(
-                    f"{key}.params.objective: {objective['target']} draws several eta per "
-                    f"example and needs an SMD network (a latent: ldm_smd.nn.smd.SMDNetwork), "
-                    f"but {key}.params.network.target is {network['target']}"
-                )
+        """What the signature cannot say, checked when a config is loaded (before any work):
+        :func:`ldm_smd.models.components.check_model_params`."""
+        check_model_params(params, key=key)
 
     # ------------------------------------------------------------------ training
 
@@ -342,7 +283,3 @@ class LatentDiffusion(L.LightningModule):
         latents = self.sample_latents(n, generator=generator, **kwargs)
         return self.first_stage_model.decode(latents).clamp(-1.0, 1.0)
 
-
-def _component(block: Mapping[str, Any] | None, name: str) -> dict[str, Any]:
-    """The block of component ``name``, or the default target without params."""
-    return dict(block) if block is not None else {"target": COMPONENTS[name]}
