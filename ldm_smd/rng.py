@@ -10,15 +10,19 @@ numbers whatever device the model runs on.
 
 Seeds: every seed the package derives from a run's seed ``S`` comes from :func:`derive_seed`,
 ``derive_seed(S, *keys)``, never from ``S + offset`` (two runs whose seeds differ by the offset
-would share a stream). Where one seed feeds several purposes, the first key names the purpose
-with a constant of its module, so no two purposes can meet:
+would share a stream). One key is a sample row (:func:`row_generators`); every other stream has
+two keys or more, the first naming its purpose with a constant of its module, so no two purposes
+can meet:
 
-- a training step (stage 2): ``derive_seed(S, TRAIN_STREAM, step, rank, stream)``
-  (:mod:`ldm_smd.models.diffusion`); a validation batch ``derive_seed(S, VALIDATION_STREAM, i)``;
-- the data order of epoch ``e`` (image data): ``derive_seed(seed, ORDER_STREAM, e, salt)``
-  (:mod:`ldm_smd.data.datamodule`); batch ``k`` of a Gaussian mixture on rank ``r``:
-  ``derive_seed(seed, MIXTURE_STREAM, k, r)`` (:mod:`ldm_smd.data.mixture_data`);
-- the known-truth benchmark's sampling and scoring (:mod:`ldm_smd.bench`).
+- ``(TRAIN_STREAM = 1, step, rank, stream)``: a stage-2 training step; ``(VALIDATION_STREAM = 2,
+  batch)``: a validation batch (:mod:`ldm_smd.models.diffusion`);
+- ``(MIXTURE_STREAM = 3, k, rank)``: batch ``k`` of a Gaussian mixture
+  (:mod:`ldm_smd.data.mixture_data`);
+- ``(ORDER_STREAM = 4, purpose, epoch, index)``: the image data's order, worker and loader seeds
+  (:mod:`ldm_smd.data.datamodule`);
+- ``(SAMPLE_STREAM = 11, T)``: the known-truth benchmark's sampling noise, shared by every method
+  and reference row of a seed and T (:mod:`ldm_smd.bench.runner`); ``(FRESH_STREAM = 12, 0)``:
+  the true sample behind its ``sw_floor`` (:mod:`ldm_smd.eval.mixture_metrics`).
 """
 
 from __future__ import annotations

@@ -13,8 +13,9 @@ reference rows per ``T`` and seed need no training: ``exact_posterior`` (a perfe
 Seeds (:mod:`ldm_smd.rng`): run ``(method, T, seed)`` has ``seed`` as its config seed, which
 seeds the network's initialisation (the global RNG, so every method of a seed starts from the
 same backbone), the training draws and the data batches; its samples come from a generator
-seeded ``derive_seed(seed, SAMPLE_STREAM)``, shared with the reference rows of that seed, and it
-is scored against the mixture with projections seeded by ``seed`` (comparisons are paired).
+seeded ``derive_seed(seed, SAMPLE_STREAM, T)``, shared with the reference rows of that seed and
+T, and it is scored against the mixture with projections seeded by ``seed`` (comparisons are
+paired).
 ``workers`` changes results only by float rounding (thread counts change summation order).
 
 Outputs in ``out_dir``: ``results.md`` (mean ± sample std over seeds), ``results.json`` (every
@@ -128,7 +129,7 @@ def train_and_sample(config: dict, method: str, T: int, seed: int, *, out_dir: P
     train_s = time.perf_counter() - start
     start = time.perf_counter()
     n, batch = int(bench["num_samples"]), int(bench["sample_batch"])
-    g = rng.generator(seed, SAMPLE_STREAM)
+    g = rng.generator(seed, SAMPLE_STREAM, T)
     x = torch.cat([model.sample_latents(min(batch, n - first), generator=g)
                    for first in range(0, n, batch)]).reshape(n, -1)
     sample_s = time.perf_counter() - start
@@ -146,7 +147,7 @@ def reference_run(config: dict, method: str, T: int, seed: int) -> dict:
     bench = bench_options(config)
     mixture = instantiate(config["data"]["params"]["mixture"])
     betas = instantiate(schedule_block(config["model"]["params"], T)).betas
-    g = rng.generator(seed, SAMPLE_STREAM)
+    g = rng.generator(seed, SAMPLE_STREAM, T)
     n = int(bench["num_samples"])
     start = time.perf_counter()
     sampler = mm.exact_posterior_sample if method == "exact_posterior" else (

@@ -46,7 +46,7 @@ from ldm_smd.diffusion.schedule import check_parameterization, convert_predictio
 from ldm_smd.rng import derive_seed, randn
 
 #: first key of the seed of the fresh true sample behind ``sw_floor`` (see :mod:`ldm_smd.rng`)
-FRESH_STREAM = 1
+FRESH_STREAM = 12
 
 PRECISION_MASS = 1.0 - math.exp(-4.5)
 
@@ -132,7 +132,8 @@ def mixture_metrics(
     """All section-6 metrics of ``samples`` (``(N, ...)``, flattened to ``(N, D)``).
 
     ``fresh`` is a true sample of the same size as ``samples`` (drawn with a generator seeded
-    ``derive_seed(seed, FRESH_STREAM)`` when omitted); ``sw_floor`` is its distance to the mixture.
+    ``derive_seed(seed, FRESH_STREAM, 0)`` when omitted); ``sw_floor`` is its distance to the
+    mixture.
     """
     x = samples.reshape(samples.shape[0], -1).to(torch.float64)
     n = x.shape[0]
@@ -158,7 +159,7 @@ def mixture_metrics(
     logp = mixture.log_prob(xf) if xf.shape[0] else torch.tensor([float("nan")])
     if fresh is None:
         fresh = mixture.sample(
-            n, generator=torch.Generator().manual_seed(derive_seed(seed, FRESH_STREAM)))[0]
+            n, generator=torch.Generator().manual_seed(derive_seed(seed, FRESH_STREAM, 0)))[0]
     return {
         "precision": n_precise / n,
         "recall": float(recalled.to(torch.float64).mean()),
