@@ -137,11 +137,6 @@ def _test_pause(path: Path) -> None:
         time.sleep(float(pause))
 
 
-def save_checkpoint(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` ``obj`` to ``path`` atomically."""
-    return atomic_write(path, lambda handle: torch.save(obj, handle))
-
-
 def load_checkpoint(
     path: str | Path, *, map_location: str | torch.device = "cpu", mmap: bool = False
 ) -> Any:
@@ -260,8 +255,3 @@ def check_state_dict(
 def _abbrev(keys: list[str], limit: int = 20) -> str:
     shown = ", ".join(keys[:limit])
     return shown + (f", ... (+{len(keys) - limit} more)" if len(keys) > limit else "")
-
-
-def strip_prefix(state_dict: Mapping[str, Any], prefix: str) -> dict[str, Any]:
-    """The entries of ``state_dict`` under ``prefix``, with the prefix removed."""
-    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}

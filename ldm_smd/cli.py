@@ -120,20 +120,15 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 def _cmd_bench_mixture(args: argparse.Namespace) -> None:
     from pathlib import Path
 
+    from ldm_smd.bench.runner import load_bench_config, run_mixture_benchmark
     from ldm_smd.checkpoints import check_writable
-    from ldm_smd.config import ConfigError
-    from ldm_smd.eval.mixture_bench import load_config, run_mixture_benchmark
 
-    try:  # the benchmark's own config format: its complaints name the file
-        load_config(args.config, quick=args.quick)
-    except (ValueError, KeyError, FileNotFoundError, OSError) as exc:
-        text = str(exc)
-        raise ConfigError(text if str(args.config) in text else f"{args.config}: {text}") from exc
+    load_bench_config(args.config, args.overrides, quick=args.quick)  # every key, before work
     out = Path(args.out) if args.out else Path("runs") / "mixture" / Path(args.config).stem
     check_writable(out, what="--out", folder=True)
     result = run_mixture_benchmark(
-        args.config, out_dir=out, quick=args.quick, seeds=args.seeds, T_list=args.T,
-        workers=args.workers,
+        args.config, out_dir=out, overrides=args.overrides, quick=args.quick, seeds=args.seeds,
+        T_list=args.T, workers=args.workers, methods=args.methods,
     )
     print(result.get("table", ""))
     print(f"[ldm-smd] mixture benchmark written to {out}")
@@ -270,6 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override the config's list of T")
     p.add_argument("--workers", type=_positive, default=None,
                    help="parallel training processes (default: the config's bench.workers)")
+    p.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
+                   help="run a subset of the config's bench.methods (default: all)")
+    p.add_argument("overrides", nargs="*", metavar="KEY.PATH=VALUE",
+                   help="config overrides, applied to the base config before the methods")
     p.set_defaults(func=_cmd_bench_mixture)
     return parser
 

@@ -9,6 +9,12 @@ A config file has these top-level sections::
     trainer: {...}              # keyword arguments of lightning.Trainer
     checkpoint: {every_n_train_steps: 500, save_top_k: 1}
     logging: {tensorboard: true, csv: true}
+    bench: {methods: {NAME: {...}}, T_list: [...], seeds: [...], ...}   # benchmark configs only
+
+A benchmark config (``configs/mixture/``) is an ordinary run config with a ``bench:`` block
+(:mod:`ldm_smd.bench.spec`): its methods are overrides of ``model.params``, and the loader checks
+the model of every method and the config its ``quick`` overrides make, so a misspelt key anywhere
+is refused before any work.
 
 :func:`load_config` reads a file and applies overrides: ``a.b.c=value`` sets a key (a mapping
 value replaces the whole block), ``~a.b.c`` deletes one; :func:`validate_config`
@@ -43,6 +49,7 @@ TOP_LEVEL_KEYS = {
     "checkpoint": "checkpointing: every_n_train_steps, save_top_k",
     "logging": "loggers (tensorboard, csv: bool) and sample grids (sample_every_n_steps, sample_n)",
     "nan_guard": "non-finite loss or gradient: action (stop | skip), max_skips",
+    "bench": "benchmark runs of this config: methods, T_list, seeds, ... (ldm-smd bench-mixture)",
 }
 #: lightning.Trainer arguments that train.py sets itself (from the run_dir and the other blocks)
 TRAINER_SET_BY_US = ("default_root_dir", "logger", "callbacks", "plugins")
@@ -61,34 +68,14 @@ class ConfigError(LdmSmdError, ValueError):
 #: Parameters given as a plain mapping (not a target/params block) whose entries are the keyword
 #: arguments of another callable, which the receiving class builds itself. Their keys and value
 #: types are checked against that callable's signature like a block's ``params``. The value is
-#: ``(dotted path, excluded keys)``; a dotted path naming a dict is a family picked by the
-#: mapping's ``name`` entry (its default is the callable the family maps ``None`` to). Keyed by
-#: ``(target, parameter)``; validation only (building is unchanged).
+#: ``(dotted path, excluded keys)``. Keyed by ``(target, parameter)``; validation only (building
+#: is unchanged).
 MAPPING_PARAMS: dict[tuple[str, str], tuple[str, tuple[str, ...]]] = {
-    ("ldm_smd.models.diffusion.LatentDiffusion", "schedule"):
-        ("ldm_smd.diffusion.schedule.NoiseSchedule", ()),
-    ("ldm_smd.models.diffusion.LatentDiffusion", "objective"):
-        ("ldm_smd.diffusion.objectives.OBJECTIVES", ("parameterization",)),
-    ("ldm_smd.models.diffusion.LatentDiffusion", "sampler"):
-        ("ldm_smd.config.SamplerOptions", ()),
     ("ldm_smd.models.autoencoder.AutoencoderKL", "ddconfig"):
         ("ldm_smd.nn.autoencoder.Encoder", ()),
     ("ldm_smd.data.datamodule.ImageDataModule", "batch_augment"):
         ("ldm_smd.data.transforms.BatchAugment", ()),
 }
-#: the default ``name`` of a family mapping (``objective``) when the mapping gives none
-FAMILY_DEFAULTS = {"ldm_smd.diffusion.objectives.OBJECTIVES": "vanilla"}
-
-
-def SamplerOptions(  # noqa: N802 - a signature for validation, named like the classes above
-    *,
-    name: typing.Literal["ddpm", "ddim", "dpmpp"] = "ddpm",
-    steps: int | None = None,
-    spacing: typing.Literal["uniform", "trailing", "quadratic"] = "uniform",
-    ddim_eta: float = 0.0,
-) -> dict[str, Any]:
-    """The ``model.params.sampler`` block of a diffusion model (preview/default sampler)."""
-    return {"name": name, "steps": steps, "spacing": spacing, "ddim_eta": ddim_eta}
 
 
 # ----------------------------------------------------------------------------- loading
@@ -124,15 +111,24 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, An
         raise ConfigError(f"config file {path} could not be parsed: {exc}") from exc
     if not isinstance(conf, DictConfig):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    config = apply_overrides(conf, overrides, source=str(path))
+    validate_config(config, source=str(path))
+    return config
+
+
+def apply_overrides(conf: DictConfig, overrides: Sequence[str], *, source: str) -> dict:
+    """Apply ``key=value`` / ``~key`` overrides to ``conf``; return the resolved plain dict."""
     for item in overrides:
         if item.startswith("~"):
-            _delete(conf, item[1:], source=str(path))
+            _delete(conf, item[1:], source=source)
             continue
         key, value = _parse_override(item)
         OmegaConf.update(conf, key, value, merge=False, force_add=True)
-    config = OmegaConf.to_container(conf, resolve=True)
+    try:
+        config = OmegaConf.to_container(conf, resolve=True)
+    except Exception as exc:  # omegaconf raises several interpolation error types
+        raise ConfigError(f"{source}: {exc}") from exc
     assert isinstance(config, dict)
-    validate_config(config, source=str(path))
     return config
 
 
@@ -201,7 +197,26 @@ def _signature_params(obj: Any) -> tuple[dict[str, inspect.Parameter], dict[str,
         hints = typing.get_type_hints(init)
     except Exception:  # unresolvable forward references: skip type checks, keep name checks
         hints = {}
+    for name, p in sig.parameters.items():
+        options = _unpacked(hints.get(name)) if p.kind == p.VAR_KEYWORD else None
+        if options is not None:  # **options: Unpack[SomeTypedDict] names the keywords it takes
+            takes_kwargs = False
+            for key, annotation in typing.get_type_hints(options).items():
+                required = key in getattr(options, "__required_keys__", ())
+                params[key] = inspect.Parameter(
+                    key, inspect.Parameter.KEYWORD_ONLY,
+                    default=inspect.Parameter.empty if required else None,
+                )
+                hints[key] = annotation
     return params, hints, takes_kwargs
+
+
+def _unpacked(annotation: Any) -> Any:
+    """The TypedDict of a ``**kwargs: Unpack[TypedDict]`` annotation, else ``None``."""
+    if annotation is None or getattr(typing.get_origin(annotation), "_name", None) != "Unpack":
+        return None
+    (inner,) = typing.get_args(annotation)
+    return inner if typing.is_typeddict(inner) else None
 
 
 def _type_name(annotation: Any) -> str:
@@ -299,6 +314,9 @@ def validate_spec(spec: Any, *, key: str) -> None:
         raise ConfigError(
             f"{key}.params: missing required parameter(s) {missing} of {spec['target']}"
         )
+    check = getattr(obj, "check_config", None)  # what a signature cannot say (a class's own)
+    if callable(check):
+        check(params, key=key)
 
 
 def validate_mapping(
@@ -307,16 +325,7 @@ def validate_mapping(
     """Check a plain-mapping parameter (see :data:`MAPPING_PARAMS`) against its callable."""
     path, excluded = schema
     target = import_target(path, key=f"{key} (schema)")
-    entries = dict(value)
-    label = path
-    if isinstance(target, Mapping):  # a family: {name: callable}
-        name = entries.pop("name", FAMILY_DEFAULTS.get(path))
-        if name not in target:
-            raise ConfigError(
-                f"{key}.name: {name!r} is not one of: {', '.join(map(str, target))}"
-            )
-        target, label = target[name], f"{key.rsplit('.', 1)[-1]} {name!r}"
-    check_arguments(entries, target, key=key, label=label, excluded=excluded)
+    check_arguments(dict(value), target, key=key, label=path, excluded=excluded)
 
 
 def check_arguments(
@@ -392,6 +401,10 @@ def validate_config(config: Mapping[str, Any], *, source: str = "config") -> Non
     action = (config.get("nan_guard") or {}).get("action", "stop")
     if action not in ("stop", "skip"):
         raise ConfigError(f"nan_guard.action: {action!r} is not one of: stop, skip")
+    if config.get("bench") is not None:
+        from ldm_smd.bench.spec import validate_bench  # the benchmark's part of the language
+
+        validate_bench(config, source=source)
 
 
 def instantiate(spec: Mapping[str, Any], **extra: Any) -> Any:

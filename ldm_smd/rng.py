@@ -9,6 +9,22 @@ the sets of two seeds share no sample (``S + i`` would make seeds 7 and 10 share
 
 Draws happen on the generator's device and are then moved, so a CPU generator gives the same
 numbers whatever device the model runs on.
+
+Seeds: every seed the package derives from a run's seed ``S`` comes from :func:`derive_seed`,
+``derive_seed(S, *keys)``, never from ``S + offset`` (two runs whose seeds differ by the offset
+would share a stream). One key is a sample row (:func:`row_generators`); every other stream has
+two keys or more, the first naming its purpose with a constant of its module, so no two purposes
+can meet:
+
+- ``(TRAIN_STREAM = 1, step, rank, stream)``: a stage-2 training step; ``(VALIDATION_STREAM = 2,
+  batch)``: a validation batch (:mod:`ldm_smd.models.diffusion`);
+- ``(MIXTURE_STREAM = 3, k, rank)``: batch ``k`` of a Gaussian mixture
+  (:mod:`ldm_smd.data.mixture_data`);
+- ``(ORDER_STREAM = 4, purpose, epoch, index)``: the image data's order, worker and loader seeds
+  (:mod:`ldm_smd.data.datamodule`);
+- ``(SAMPLE_STREAM = 11, T)``: the known-truth benchmark's sampling noise, shared by every method
+  and reference row of a seed and T (:mod:`ldm_smd.bench.runner`); ``(FRESH_STREAM = 12, 0)``:
+  the true sample behind its ``sw_floor`` (:mod:`ldm_smd.eval.mixture_metrics`).
 """
 
 from __future__ import annotations
@@ -45,11 +61,15 @@ def derive_seed(seed: int, *keys: int) -> int:
     return ((int(words[1]) << 32) | int(words[0])) & _MASK63
 
 
+def generator(seed: int, *keys: int) -> torch.Generator:
+    """A CPU ``torch.Generator`` seeded ``derive_seed(seed, *keys)``."""
+    return torch.Generator().manual_seed(derive_seed(seed, *keys))
+
+
 def row_generators(seed: int, start: int, count: int) -> list[torch.Generator]:
     """CPU generators for rows ``start .. start + count - 1`` of a run seeded with ``seed``:
     row ``i`` is seeded ``derive_seed(seed, i)``, whatever batch it falls in."""
-    return [torch.Generator().manual_seed(derive_seed(seed, i))
-            for i in range(start, start + count)]
+    return [generator(seed, i) for i in range(start, start + count)]
 
 
 def randn(

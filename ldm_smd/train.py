@@ -183,6 +183,30 @@ def build_trainer(
         raise ConfigError(f"trainer: {_first_line(exc)}") from exc
 
 
+def build_run(
+    config: dict[str, Any], run_dir: Path, *, extra_callbacks: tuple[Any, ...] = (),
+    resume_from: Path | None = None,
+) -> tuple[L.LightningModule, L.LightningDataModule, L.Trainer]:
+    """The model, data and Trainer of a validated config, every check done and nothing written:
+    the global RNGs are seeded by the config's ``seed`` first (so the network's initialisation is
+    a function of the seed), the model is built (its first stage loaded) and checked against the
+    checkpoint to resume from, the datasets are built (an empty folder is an error here). What
+    :func:`train` fits, and what the benchmark (:mod:`ldm_smd.bench.runner`) fits for each run."""
+    L.seed_everything(int(config.get("seed", 0)), workers=True, verbose=False)
+    model = build_block("model", config["model"])
+    _check_preview_sampler(model, config)
+    if resume_from is not None:
+        check_resume(model, resume_from)
+    datamodule = build_block("data", config["data"])
+    setup_data(datamodule)
+    trainer = build_trainer(
+        config, run_dir, extra_callbacks=extra_callbacks,
+        shards_by_rank=bool(getattr(datamodule, "shards_by_rank", False)),
+        resuming=resume_from is not None,
+    )
+    return model, datamodule, trainer
+
+
 @rank_zero_only
 def _report_learning_rate(config: dict[str, Any], trainer: L.Trainer) -> None:
     params = config["model"].get("params") or {}
@@ -328,18 +352,9 @@ def train(
             if previous and not overwrite:
                 raise refuse_existing_run(run_dir, previous)
 
-    L.seed_everything(int(config.get("seed", 0)), workers=True, verbose=False)
-    model = build_block("model", config["model"])
-    _check_preview_sampler(model, config)
-    if ckpt_path is not None:
-        check_resume(model, ckpt_path)
-    datamodule = build_block("data", config["data"])
-    setup_data(datamodule)
     run_start = _RunStart(config=config, path=run_dir / "config.yaml", resumed_from=ckpt_path)
-    trainer = build_trainer(
-        config, run_dir, extra_callbacks=(run_start,),
-        shards_by_rank=bool(getattr(datamodule, "shards_by_rank", False)),
-        resuming=ckpt_path is not None,
+    model, datamodule, trainer = build_run(
+        config, run_dir, extra_callbacks=(run_start,), resume_from=ckpt_path
     )
     # every check passed: from here on the run folder is written
     if previous:

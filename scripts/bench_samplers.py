@@ -9,7 +9,6 @@ microseconds per step per sample). Runs in well under 30 s on a CPU.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
@@ -17,6 +16,7 @@ import torch
 from ldm_smd import rng
 from ldm_smd.diffusion.samplers import SAMPLERS, sample
 from ldm_smd.diffusion.schedule import NoiseSchedule
+from ldm_smd.jsonio import dumps, write_json
 
 SHAPES = [(256, 2), (16, 4, 32, 32), (16, 3, 64, 64)]
 
@@ -93,10 +93,9 @@ def main() -> None:
             f"{r['us_per_step_per_sample']:15.3f}"
         )
     for r in rows:
-        print(json.dumps(r))
+        print(dumps(r))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        write_json(args.json, rows)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
+from ldm_smd.checkpoints import atomic_write
 from ldm_smd.data.lsun import (
     LMDBError,
     default_index_path,
@@ -79,10 +80,8 @@ def export(path: str, out_dir: str, list_file: str, limit: int | None) -> int:
             names.append(name)
     env.close()
     listing = Path(list_file)
-    listing.parent.mkdir(parents=True, exist_ok=True)
-    tmp = listing.with_name(listing.name + ".tmp")
-    tmp.write_text("".join(n + "\n" for n in names))
-    tmp.replace(listing)
+    text = "".join(n + "\n" for n in names)
+    atomic_write(listing, lambda handle: handle.write(text.encode()))
     print(f"exported {len(names)} images of {path} to {root}; list: {listing}")
     if bad:
         print(f"left out {len(bad)} undecodable value(s); first: {bad[0]}", file=sys.stderr)

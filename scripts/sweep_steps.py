@@ -26,12 +26,11 @@ import torch
 
 
 def _score_mixture(npz: Path, mixture_config: str, seed: int) -> dict[str, float]:
-    from ldm_smd.data.mixtures import build_mixture
+    from ldm_smd.config import instantiate, load_config
     from ldm_smd.eval.fid import load_uint8_array
-    from ldm_smd.eval.mixture_bench import load_config
     from ldm_smd.eval.mixture_metrics import mixture_metrics
 
-    mixture = build_mixture(load_config(mixture_config)["mixture"])
+    mixture = instantiate(load_config(mixture_config)["data"]["params"]["mixture"])
     images = torch.from_numpy(load_uint8_array(npz)).permute(0, 3, 1, 2).double()
     x = images / 127.5 - 1.0  # undo the pinned uint8 quantisation
     return mixture_metrics(x.reshape(x.shape[0], -1), mixture, seed=seed)
@@ -39,6 +38,7 @@ def _score_mixture(npz: Path, mixture_config: str, seed: int) -> dict[str, float
 
 def run_sweep(args: argparse.Namespace) -> dict:
     from ldm_smd.eval.plots import metric_against_steps
+    from ldm_smd.jsonio import write_json
     from ldm_smd.sample import sample_to_dir
 
     out = Path(args.out_dir)
@@ -75,7 +75,7 @@ def run_sweep(args: argparse.Namespace) -> dict:
         vals = " | ".join("n/a" if r.get(k) is None else f"{r[k]:.4g}" for k in keys)
         lines.append(f"| {r['checkpoint']} | {r['steps']} | {vals} | {r['sample_seconds']:.0f} |")
     (out / "sweep.md").write_text("\n".join(lines) + "\n")
-    (out / "sweep.json").write_text(json.dumps(rows, indent=1, default=str) + "\n")
+    write_json(out / "sweep.json", rows)
     plot_key = args.plot_metric or ("fid" if args.metric == "fid" else "sw")
     curves = {label: {r["steps"]: r[plot_key] for r in rows if r["checkpoint"] == label
                       and r.get(plot_key) is not None and math.isfinite(r[plot_key])}

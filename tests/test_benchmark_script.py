@@ -1,4 +1,4 @@
-"""Smoke test of scripts/benchmark.py on a tiny case (schema and plumbing, not speed)."""
+"""scripts/benchmark.py and its pieces on tiny cases: schema, plumbing, arithmetic (not speed)."""
 
 from __future__ import annotations
 
@@ -6,32 +6,45 @@ import importlib.util
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+PIECES = ("benchmark_cases", "benchmark_memory", "benchmark_report")
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("ldm_smd_benchmark_script", SCRIPT)
+    """The script as a module, with its pieces importable as it imports them (scripts/)."""
+    sys.path.insert(0, str(SCRIPTS))
+    spec = importlib.util.spec_from_file_location("ldm_smd_benchmark_script",
+                                                  SCRIPTS / "benchmark.py")
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while being defined
+    sys.modules[spec.name] = module
     try:
         spec.loader.exec_module(module)
         yield module
     finally:
         sys.modules.pop(spec.name, None)
+        for name in PIECES:
+            sys.modules.pop(name, None)
+        sys.path.remove(str(SCRIPTS))
 
 
-def test_dense_reference_hypernetwork_matches_ours(bench):
+@pytest.fixture(scope="module")
+def cases(bench):
+    return sys.modules["benchmark_cases"]
+
+
+def test_dense_reference_hypernetwork_matches_ours(cases):
     torch.manual_seed(0)
     for bound in ("none", "tanh"):
-        ours = bench.Hypernetwork(channels=8, latent_dim=6, num_layers=2, bound=bound)
+        ours = cases.Hypernetwork(channels=8, latent_dim=6, num_layers=2, bound=bound)
         with torch.no_grad():
             ours.B.normal_()  # B is zero at init, which would hide any difference
-        dense = bench.DenseHypernetwork(channels=8, latent_dim=6, num_layers=2, bound=bound)
+        dense = cases.DenseHypernetwork(channels=8, latent_dim=6, num_layers=2, bound=bound)
         dense.load_state_dict(ours.state_dict())
         h, z = torch.randn(2, 8, 3, 5), torch.randn(2, 6, 3, 5)
         want, got = ours(h, z), dense(h, z)
@@ -40,9 +53,9 @@ def test_dense_reference_hypernetwork_matches_ours(bench):
         assert torch.allclose(dense(hv, zv), ours(hv, zv), rtol=1e-5, atol=1e-6)
 
 
-def test_reference_network_runs_dense_path_and_matches_ours(bench):
-    ref = bench.build_network("smd_reference_dxd", 8, image_size=8)
-    ours = bench.build_network("smd_paper_unbounded", 8, image_size=8)  # same seed, same weights
+def test_reference_network_runs_dense_path_and_matches_ours(cases):
+    ref = cases.build_network("smd_reference_dxd", 8, image_size=8)
+    ours = cases.build_network("smd_paper_unbounded", 8, image_size=8)  # same seed, same weights
     with torch.no_grad():  # zero-initialised layers (B, output conv) would hide differences
         for p in ours.parameters():
             p.normal_(0.0, 0.3)
@@ -55,10 +68,10 @@ def test_reference_network_runs_dense_path_and_matches_ours(bench):
     assert (want - ours.backbone(x, t)).norm() > 1e-3 * want.norm()  # the modulation matters
 
 
-def test_make_dense_swaps_every_hypernetwork(bench):
-    net = bench.build_network("smd_reference_dxd", 8, image_size=8)
+def test_make_dense_swaps_every_hypernetwork(cases):
+    net = cases.build_network("smd_reference_dxd", 8, image_size=8)
     assert set(net.hypernets) == {"input", "output"}
-    assert all(isinstance(m, bench.DenseHypernetwork) for m in net.hypernets.values())
+    assert all(isinstance(m, cases.DenseHypernetwork) for m in net.hypernets.values())
     assert all(m.bound == "none" for m in net.hypernets.values())
 
 
@@ -83,7 +96,6 @@ def test_tiny_run_rows_schema_and_outputs(bench, tmp_path, capsys):
     # same backbone everywhere; diffusers at our layout has our parameter count exactly
     assert by["diffusers_unet2d"]["params"] == by["vanilla"]["params"]
     assert by["smd_paper"]["params"] == by["smd_reference_dxd"]["params"] > by["vanilla"]["params"]
-    assert by["vanilla"]["train_ratio_vs_vanilla"] == 1.0
     mix = by["smd_mixture_M4"]
     assert mix["eta_samples"] == 4
     assert mix["train_step_ms_per_eta"] == pytest.approx(mix["train_step_ms"] / 4)
@@ -91,8 +103,35 @@ def test_tiny_run_rows_schema_and_outputs(bench, tmp_path, capsys):
     assert len(saved["load_average_start"]) == 3 and saved["settings"]["threads"] == 1
 
 
+def test_rows_divide_by_the_same_widths_vanilla(bench):
+    report = sys.modules["benchmark_report"]
+
+    def case(name, width, train, sample, eta=1):
+        return SimpleNamespace(name=name, width=width, params=10, eta_samples=eta,
+                               train_ms=train, sample_ms=sample,
+                               train_cpu_ms=[2 * v for v in train],
+                               sample_cpu_ms=[3 * v for v in sample])
+
+    rows = report.make_rows([
+        case("vanilla", 8, [1.0, 2.0, 9.0], [1.0, 1.0, 1.0]),
+        case("smd_mixture_M4", 8, [8.0, 10.0, 12.0], [3.0, 3.0, 9.0], eta=4),
+        case("vanilla", 16, [5.0, 5.0, 5.0], [2.0, 2.0, 2.0]),
+        case("smd_paper", 16, [6.0, 7.0, 100.0], [1.0, 3.0, 4.0]),
+    ], {("smd_paper", 16): {"peak_mem_mb": 12.5}})
+    by = {r["name"]: r for r in rows}
+    mix, smd = by["smd_mixture_M4@w8"], by["smd_paper@w16"]
+    # medians, and ratios against the vanilla of the same width only
+    assert mix["train_step_ms"] == 10.0 and mix["train_ratio_vs_vanilla"] == 5.0
+    assert mix["train_step_ms_per_eta"] == 2.5 and mix["train_ratio_per_eta_vs_vanilla"] == 1.25
+    assert mix["sample_ratio_vs_vanilla"] == 3.0 and mix["train_cpu_ratio_vs_vanilla"] == 5.0
+    assert smd["train_ratio_vs_vanilla"] == 7.0 / 5.0 and smd["sample_ratio_vs_vanilla"] == 1.5
+    assert smd["peak_mem_mb"] == 12.5 and mix["peak_mem_mb"] is None
+    assert any("w16: SMD/vanilla train 1.400x" in line and "MISSED" in line
+               for line in report.goals(rows))
+
+
 def test_memory_child_reports_peaks(bench):
-    mem = bench.memory_child("vanilla", 8, 2, 8, threads=1)
+    mem = sys.modules["benchmark_memory"].memory_child("vanilla", 8, 2, 8, threads=1)
     assert mem["peak_mem_mb"] > 0 and mem["sample_peak_mem_mb"] > 0
     assert mem["sample_mem_mb"] == pytest.approx(mem["sample_peak_mem_mb"]
                                                  - mem["rss_before_steps_mb"])

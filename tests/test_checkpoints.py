@@ -14,8 +14,12 @@ from ldm_smd.checkpoints import (
     atomic_write,
     load_checkpoint,
     load_state_dict_strict,
-    save_checkpoint,
 )
+
+
+def save_checkpoint(obj, path):
+    """A checkpoint written as the trainer writes one (AtomicCheckpointIO: atomic torch.save)."""
+    return atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
 class _WritesFile:

@@ -1,16 +1,24 @@
-"""Every shipped training config builds and runs one training step on CPU (with tiny overrides).
+"""Every shipped config builds and runs one training step on CPU (with tiny overrides).
 
 The overrides shrink widths and swap the data for the built-in synthetic set; everything else —
-targets, schedules, objectives, SMD settings, loss terms — is exercised as shipped.
+targets, schedules, objectives, SMD settings, loss terms — is exercised as shipped. Each run's
+checkpoint must hold the weights it trained, and the step must have changed them. The mixture
+benchmark configs run every method of their ``bench`` block as the ordinary stage-2 config that
+the benchmark trains (:func:`ldm_smd.bench.spec.run_config`), through ``train``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import lightning as L
 import pytest
+import torch
 import yaml
 
+from ldm_smd.bench.spec import run_config
+from ldm_smd.checkpoints import load_checkpoint
+from ldm_smd.config import instantiate, load_config, save_config
 from ldm_smd.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,10 +125,43 @@ def test_config_runs_one_training_step(name, tmp_path, first_stages):
             f"{net}.attention_resolutions=[2]",
             f"{net}.num_heads=2",
             f"{net}.num_head_channels=-1",
-            "model.params.schedule.num_timesteps=10",
+            "model.params.schedule.params.num_timesteps=10",
         ]
         if smd:
             overrides.append("model.params.network.params.latent_dim=8")
-    result = train(path, _without_missing(config, overrides))
-    assert result["trainer"].global_step >= 1
-    assert result["checkpoint"].is_file()
+    overrides = _without_missing(config, overrides)
+    _assert_trained_one_step(train(path, overrides), load_config(path, overrides))
+
+
+def _assert_trained_one_step(result: dict, config: dict) -> None:
+    """The checkpoint holds the trained weights, and the step changed the initial ones."""
+    trained = result["trainer"].lightning_module.state_dict()
+    ckpt = load_checkpoint(result["checkpoint"])
+    assert ckpt["global_step"] == result["trainer"].global_step >= 1  # the autoencoder counts 2
+    assert set(ckpt["state_dict"]) == set(trained)
+    assert all(torch.equal(ckpt["state_dict"][k], v) for k, v in trained.items())
+    L.seed_everything(int(config.get("seed", 0)), verbose=False)  # as train() does
+    initial = instantiate(config["model"]).state_dict()
+    changed = [k for k, v in initial.items()
+               if v.is_floating_point() and not torch.equal(v, trained[k])]
+    assert changed, "one training step changed no weight"
+
+
+MIXTURES = sorted((ROOT / "configs" / "mixture").glob("*.yaml"))
+MIXTURE_RUNS = [(p.stem, m) for p in MIXTURES for m in yaml.safe_load(p.read_text())["bench"][
+    "methods"]]
+
+
+@pytest.mark.parametrize(("name", "method"), MIXTURE_RUNS)
+def test_mixture_config_runs_one_step_per_method(name, method, tmp_path):
+    bench = load_config(ROOT / "configs" / "mixture" / f"{name}.yaml",
+                        ["trainer.max_steps=1", "data.params.batch_size=4"])
+    run = run_config(bench, method, 2, 0)
+    run["run_dir"] = str(tmp_path / "run")
+    path = tmp_path / f"{name}-{method}.yaml"
+    save_config(run, path)
+    result = train(path)
+    _assert_trained_one_step(result, run)
+    model = result["trainer"].lightning_module
+    x = model.sample_latents(3, generator=torch.Generator().manual_seed(0))
+    assert x.shape == (3, *model.latent_shape) and torch.isfinite(x).all()

@@ -50,8 +50,9 @@ def test_a_stage1_run_and_its_resume_print_only_our_lines(tmp_path, capfd):
                     f"model.params.first_stage={run / 'checkpoints' / 'last.ckpt'}",
                     "model.params.scale_factor=1.0", "model.params.image_size=8",
                     f"{net}.model_channels=32", f"{net}.channel_mult=[1]",
-                    f"{net}.attention_resolutions=[]", "model.params.schedule.num_timesteps=10",
-                    "model.params.sampler.steps=10"]) == 0
+                    f"{net}.attention_resolutions=[]",
+                    "model.params.schedule.params.num_timesteps=10",
+                    "model.params.sampler.params.steps=10"]) == 0
         third = capfd.readouterr()
     for printed in (first, second, third):
         text = printed.out + printed.err

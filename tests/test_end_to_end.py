@@ -40,9 +40,9 @@ def tiny_ldm(run_dir: Path, ae_ckpt: Path, objective: str, smd: bool) -> list[st
         f"model.params.first_stage={ae_ckpt}",
         "model.params.scale_factor=1.0",
         "model.params.image_size=8",
-        "model.params.schedule.num_timesteps=10",
-        "model.params.sampler.steps=10",
-        f"model.params.objective.name={objective}",
+        "model.params.schedule.params.num_timesteps=10",
+        "model.params.sampler.params.steps=10",
+        f"model.params.objective={{target: ldm_smd.diffusion.objectives.{objective}}}",
         f"{net}.model_channels=32",
         "trainer.max_steps=3",
         "trainer.enable_progress_bar=false",
@@ -65,9 +65,9 @@ def autoencoder_ckpt(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("config,objective,smd", [
-    ("ldm-smd.yaml", "smd_paper", True),
-    ("ldm-smd.yaml", "smd_mixture", True),
-    ("ldm-vanilla.yaml", "vanilla", False),
+    ("ldm-smd.yaml", "DenoisingObjective", True),  # the paper's objective: SMD by the network
+    ("ldm-smd.yaml", "MixtureObjective", True),
+    ("ldm-vanilla.yaml", "DenoisingObjective", False),
 ])
 def test_two_stages_then_sample(tmp_path, autoencoder_ckpt, config, objective, smd):
     run = tmp_path / "ldm"
@@ -86,9 +86,8 @@ def test_two_stages_then_sample(tmp_path, autoencoder_ckpt, config, objective, s
 
 def test_sample_cli_same_seed_same_files_any_batch_size(tmp_path, autoencoder_ckpt):
     run = tmp_path / "ldm"
-    ckpt = train(DEMO / "ldm-smd.yaml", tiny_ldm(run, autoencoder_ckpt, "smd_paper", True))[
-        "checkpoint"
-    ]
+    overrides = tiny_ldm(run, autoencoder_ckpt, "DenoisingObjective", True)
+    ckpt = train(DEMO / "ldm-smd.yaml", overrides)["checkpoint"]
 
     def digest(folder: Path) -> list[str]:
         return [hashlib.sha256(p.read_bytes()).hexdigest()
@@ -114,7 +113,7 @@ def test_pixel_space_backbone_swap_is_one_key(tmp_path):
         "model.params.network.params.in_channels=3",
         "model.params.network.params.out_channels=3",
         "model.params.network.params.model_channels=32",
-        "model.params.schedule.num_timesteps=10",
+        "model.params.schedule.params.num_timesteps=10",
         "model.params.clip_x0=true",
         "trainer.max_steps=2",
         "trainer.enable_progress_bar=false",

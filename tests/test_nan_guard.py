@@ -101,3 +101,15 @@ def test_stage1_manual_optimisation_is_guarded(tmp_path):
     assert f"at step {NAN_AT}" in str(err.value) and "gradient of" in str(err.value)
     last = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
     assert last["global_step"] == NAN_AT and _finite(last["state_dict"])
+
+
+def test_gradient_check_is_exact_where_the_fast_norm_overflows():
+    from ldm_smd.callbacks import _all_finite
+
+    ok = [torch.ones(3), torch.zeros(2, 2), None, torch.ones(2, dtype=torch.float64)]
+    assert _all_finite(ok)
+    huge = [torch.full((4,), 3e38)]  # finite, but its norm overflows float32 to inf
+    assert _all_finite(huge)
+    for bad in (float("nan"), float("inf")):
+        grads = [torch.ones(3), torch.tensor([1.0, bad]), torch.ones(2, dtype=torch.float64)]
+        assert not _all_finite(grads)

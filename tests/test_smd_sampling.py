@@ -56,9 +56,22 @@ def test_unet_smd_sampling_is_finite_for_wild_inputs():
     torch.manual_seed(0)
     backbone = UNetModel(in_channels=3, out_channels=3, model_channels=32, channel_mult=[1, 2],
                          num_res_blocks=1, attention_resolutions=[2], num_heads=2)
-    net = SMDNetwork(backbone=backbone, latent_dim=8).eval()
+    with torch.no_grad():  # as if trained: no zero-initialised layer (the UNet's output conv)
+        for param in backbone.parameters():
+            if not param.any():
+                param.normal_(0.0, 0.05)
+    net = SMDNetwork(backbone=backbone, latent_dim=8, hypernet_init="default").eval()
     schedule = NoiseSchedule(kind="linear", num_timesteps=20)
     x_T = 50.0 * torch.randn(2, 3, 16, 16)
+    # not the identity: at these inputs the prediction moves with eta and differs from the
+    # backbone's own (with B = 0 or a zero output layer it would not, and the test would prove
+    # nothing)
+    t = torch.full((2,), 19)
+    with torch.no_grad():
+        a, b = (net(x_T, t, generator=torch.Generator().manual_seed(s)) for s in (1, 2))
+        plain = backbone(x_T, t)
+    assert (a - plain).abs().max() > 0.1 * plain.abs().max()
+    assert not torch.equal(a, b)
     x = sample(net, x_T.shape, schedule=schedule, parameterization="eps", steps=20, x_T=x_T,
                generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(x).all()
@@ -84,7 +97,7 @@ def test_latent_sampling_at_256_pixels_with_an_f8_first_stage(tmp_path):
         "model.params.scale_factor=1.0", "model.params.image_size=32",
         "model.params.network.params.model_channels=16",
         "model.params.network.params.num_head_channels=16",
-        "model.params.schedule.num_timesteps=4",
+        "model.params.schedule.params.num_timesteps=4",
     ])["checkpoint"]
     from ldm_smd.sample import sample_to_dir
 
@@ -107,7 +120,7 @@ def test_sweep_steps_script_writes_table_and_plot(tmp_path, monkeypatch):
         "model.params.network.params.in_channels=3", "model.params.network.params.out_channels=3",
         "model.params.network.params.model_channels=16",
         "model.params.network.params.num_head_channels=16",
-        "model.params.schedule.num_timesteps=8", "data.params.batch_size=2",
+        "model.params.schedule.params.num_timesteps=8", "data.params.batch_size=2",
         "data.params.train.params.size=16", "data.params.train.params.length=8",
         "trainer.max_steps=1", "trainer.enable_progress_bar=false",
         "logging.sample_every_n_steps=0",

@@ -38,6 +38,6 @@ def tiny_pixel_unet(*, timesteps: int = 20) -> list[str]:
         f"{net}.model_channels=32",
         f"{net}.channel_mult=[1]",
         f"{net}.attention_resolutions=[]",
-        f"model.params.schedule.num_timesteps={timesteps}",
-        f"model.params.sampler.steps={timesteps}",
+        f"model.params.schedule.params.num_timesteps={timesteps}",
+        f"model.params.sampler.params.steps={timesteps}",
     ]

@@ -5,7 +5,8 @@ The train and validation datasets are given as ``{target, params}`` blocks (buil
 dataset's constructor) or as dataset objects when used from Python.
 
 Reproducibility: the training order of epoch ``e`` is a permutation drawn from a generator seeded
-with ``(seed, e)`` (Lightning calls ``set_epoch`` on the sampler), so it is the same in every run.
+``derive_seed(seed, ORDER_STREAM, ORDER, e, 0)`` (:mod:`ldm_smd.rng`; Lightning calls
+``set_epoch`` on the sampler), so it is the same in every run.
 The DataModule's ``state_dict`` (saved in Lightning checkpoints) records the epoch and the number
 of batches done in it, so a run resumed mid-epoch continues with exactly the next batch. Under
 multi-process training the sampler shards the order by rank itself. DataLoader workers are
@@ -29,12 +30,16 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ldm_smd.data.transforms import BatchAugment
+from ldm_smd.rng import derive_seed
 
-_MASK63 = (1 << 63) - 1
+#: first key of the data module's seeds (see :mod:`ldm_smd.rng`)
+ORDER_STREAM = 4
+#: second key: what the seed is for (the epoch's order, a worker, the loader, validation)
+ORDER, WORKER, LOADER, VALIDATION = 0, 1, 2, 3
 
 
-def _epoch_seed(seed: int, epoch: int, salt: int = 0) -> int:
-    return (seed * 1_000_003 + epoch * 7_919 + salt * 104_729 + 0x5EED) & _MASK63
+def _epoch_seed(seed: int, epoch: int, purpose: int = ORDER, index: int = 0) -> int:
+    return derive_seed(seed, ORDER_STREAM, purpose, epoch, index)
 
 
 def build_dataset(spec: Mapping[str, Any] | Dataset, *, key: str) -> Dataset:
@@ -131,7 +136,7 @@ class _WorkerSeeder:
         self.sampler = sampler
 
     def __call__(self, worker_id: int) -> None:
-        s = _epoch_seed(self.sampler.seed, self.sampler.epoch, salt=worker_id + 1)
+        s = _epoch_seed(self.sampler.seed, self.sampler.epoch, WORKER, worker_id)
         torch.manual_seed(s)
         np.random.seed(s % (1 << 32))
         random.seed(s)
@@ -193,14 +198,10 @@ class ImageDataModule(L.LightningDataModule):
         self._val_spec = validation
         self.batch_size = int(batch_size)
         self.val_batch_size = int(val_batch_size or batch_size)
-        self.num_workers = int(num_workers)
-        self.pin_memory = pin_memory
-        self.persistent_workers = persistent_workers
-        self.prefetch_factor = prefetch_factor
-        self.shuffle = shuffle
-        self.drop_last = drop_last
-        self.image_key = image_key
-        self.seed = int(seed)
+        self.num_workers, self.pin_memory = int(num_workers), pin_memory
+        self.persistent_workers, self.prefetch_factor = persistent_workers, prefetch_factor
+        self.shuffle, self.drop_last = shuffle, drop_last
+        self.image_key, self.seed = image_key, int(seed)
         aug = dict(batch_augment or {})
         aug.setdefault("seed", self.seed)
         self.augment: BatchAugment | None = BatchAugment(**aug) if batch_augment else None
@@ -245,7 +246,7 @@ class ImageDataModule(L.LightningDataModule):
             dataset,
             batch_size=batch_size,
             sampler=sampler,
-            generator=torch.Generator().manual_seed(_epoch_seed(self.seed, 0, salt=7)),
+            generator=torch.Generator().manual_seed(_epoch_seed(self.seed, 0, LOADER)),
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             drop_last=drop_last,
@@ -275,7 +276,9 @@ class ImageDataModule(L.LightningDataModule):
         self.setup("validate")
         if self.val_dataset is None:
             return []
-        seeder = _WorkerSeeder(SeededEpochSampler(length=1, seed=self.seed + 1, shuffle=False))
+        order = SeededEpochSampler(length=1, seed=_epoch_seed(self.seed, 0, VALIDATION),
+                                   shuffle=False)
+        seeder = _WorkerSeeder(order)
         return self._loader(
             self.val_dataset,
             batch_size=self.val_batch_size,

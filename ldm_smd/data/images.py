@@ -17,9 +17,15 @@ replaced by the next readable one, with a warning that names the file and counts
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
+
+if sys.version_info >= (3, 11):
+    from typing import Unpack
+else:  # Python 3.10
+    from typing_extensions import Unpack
 
 import torch
 from torch.utils.data import Dataset
@@ -195,6 +201,19 @@ def resolve_list(root: str | os.PathLike[str], entries: list[str], *, list_file:
     return found
 
 
+class ImageOptions(TypedDict, total=False):
+    """The decoding options of every image dataset: the keyword arguments of
+    :class:`EncodedImageDataset` (documented there), which the datasets below pass on."""
+
+    size: int | None
+    crop: str
+    flip_p: float
+    interpolation: str
+    alpha: str
+    skip_corrupt: bool
+    return_path: bool
+
+
 class ImageFolder(EncodedImageDataset):
     """A folder of PNG / JPEG / WebP (and BMP, TIFF) images, or the files a list names in it.
 
@@ -204,32 +223,15 @@ class ImageFolder(EncodedImageDataset):
     Args:
         root: the folder.
         file_list: a text file of paths relative to ``root``, one per line; ``None`` scans.
-        size: output height and width; ``None`` keeps the square crop's own size.
-        crop: ``"center"`` or ``"random"`` square crop of non-square images.
-        flip_p: probability of a left-right flip per item (0.5 is usual for training).
-        interpolation: PIL resampling: bicubic, lanczos, bilinear, box or nearest.
-        alpha: transparency handling: ``"white"`` / ``"black"`` composite, or ``"drop"``.
-        skip_corrupt: replace undecodable images by the next readable one, with a warning.
-        return_path: add the file path as ``"path"``.
+        options: the decoding options (:class:`ImageOptions`: size, crop, flip_p,
+            interpolation, alpha, skip_corrupt, return_path; see :class:`EncodedImageDataset`).
     """
 
     _match_stem = False
 
-    def __init__(
-        self,
-        *,
-        root: str,
-        file_list: str | None = None,
-        size: int | None = 256,
-        crop: str = "center",
-        flip_p: float = 0.0,
-        interpolation: str = "bicubic",
-        alpha: str = "white",
-        skip_corrupt: bool = False,
-        return_path: bool = False,
-    ) -> None:
-        super().__init__(size=size, crop=crop, flip_p=flip_p, interpolation=interpolation,
-                         alpha=alpha, skip_corrupt=skip_corrupt, return_path=return_path)
+    def __init__(self, *, root: str, file_list: str | None = None,
+                 **options: Unpack[ImageOptions]) -> None:
+        super().__init__(**options)
         self.root = str(root)
         self.file_list = file_list
         if file_list is None:
@@ -258,30 +260,11 @@ class CelebAHQ(ImageFolder):
     Args:
         root: the image folder.
         split_file: the split list (train or validation).
-        size: output height and width (CelebA-HQ is 1024 x 1024; 256 in the paper).
-        crop: ``"center"`` or ``"random"`` square crop of non-square images.
-        flip_p: probability of a left-right flip per item.
-        interpolation: PIL resampling: bicubic, lanczos, bilinear, box or nearest.
-        alpha: transparency handling: ``"white"`` / ``"black"`` composite, or ``"drop"``.
-        skip_corrupt: replace undecodable images by the next readable one, with a warning.
-        return_path: add the file path as ``"path"``.
+        options: the decoding options (:class:`ImageOptions`; CelebA-HQ is 1024 x 1024, the
+            paper trains at ``size`` 256).
     """
 
     _match_stem = True
 
-    def __init__(
-        self,
-        *,
-        root: str,
-        split_file: str,
-        size: int | None = 256,
-        crop: str = "center",
-        flip_p: float = 0.0,
-        interpolation: str = "bicubic",
-        alpha: str = "white",
-        skip_corrupt: bool = False,
-        return_path: bool = False,
-    ) -> None:
-        super().__init__(root=root, file_list=split_file, size=size, crop=crop, flip_p=flip_p,
-                         interpolation=interpolation, alpha=alpha, skip_corrupt=skip_corrupt,
-                         return_path=return_path)
+    def __init__(self, *, root: str, split_file: str, **options: Unpack[ImageOptions]) -> None:
+        super().__init__(root=root, file_list=split_file, **options)

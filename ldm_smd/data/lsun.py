@@ -18,13 +18,20 @@ with PIL bicubic (``interpolation`` can select lanczos), a random left-right fli
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    from typing import Unpack
+else:  # Python 3.10
+    from typing_extensions import Unpack
 
 import lmdb
 import numpy as np
 
-from ldm_smd.data.images import EncodedImageDataset, ImageFolder
+from ldm_smd.checkpoints import atomic_write
+from ldm_smd.data.images import EncodedImageDataset, ImageFolder, ImageOptions
 
 INDEX_HEADER = "# ldm-smd lsun key index v1"
 _SCAN_WARN = 200_000
@@ -126,12 +133,8 @@ def scan_keys(env: lmdb.Environment) -> list[bytes]:
 
 def write_index(keys: list[bytes], index_file: str | os.PathLike[str]) -> None:
     """Write a key index: a header with the count, then one hex-encoded key per line."""
-    path = Path(index_file)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(f"{INDEX_HEADER} entries={len(keys)}\n")
-        f.writelines(k.hex() + "\n" for k in keys)
-    tmp.replace(path)
+    text = f"{INDEX_HEADER} entries={len(keys)}\n" + "".join(k.hex() + "\n" for k in keys)
+    atomic_write(index_file, lambda handle: handle.write(text.encode()))
 
 
 def read_index(index_file: str | os.PathLike[str]) -> list[bytes]:
@@ -158,30 +161,14 @@ class LSUNLMDB(EncodedImageDataset):
         path: the LMDB folder (with ``data.mdb``) or file.
         index_file: key index written by ``scripts/prepare_lsun.py index``; ``None`` uses
             ``keys.txt`` inside the LMDB folder when present, else scans the database.
-        size: output height and width.
-        crop: ``"center"`` (CompVis) or ``"random"`` square crop.
-        flip_p: probability of a left-right flip per item (CompVis: 0.5 for training).
-        interpolation: PIL resampling: bicubic (CompVis), lanczos, bilinear, box or nearest.
-        alpha: transparency handling: ``"white"`` / ``"black"`` composite, or ``"drop"``.
-        skip_corrupt: replace undecodable images by the next readable one, with a warning.
-        return_path: add ``"path"`` = ``"<lmdb path>:<key>"``.
+        options: the decoding options (:class:`~ldm_smd.data.images.ImageOptions`; CompVis:
+            center crop, bicubic, ``flip_p`` 0.5 for training); ``return_path`` adds
+            ``"path"`` = ``"<lmdb path>:<key>"``.
     """
 
-    def __init__(
-        self,
-        *,
-        path: str,
-        index_file: str | None = None,
-        size: int | None = 256,
-        crop: str = "center",
-        flip_p: float = 0.0,
-        interpolation: str = "bicubic",
-        alpha: str = "white",
-        skip_corrupt: bool = False,
-        return_path: bool = False,
-    ) -> None:
-        super().__init__(size=size, crop=crop, flip_p=flip_p, interpolation=interpolation,
-                         alpha=alpha, skip_corrupt=skip_corrupt, return_path=return_path)
+    def __init__(self, *, path: str, index_file: str | None = None,
+                 **options: Unpack[ImageOptions]) -> None:
+        super().__init__(**options)
         self.path = str(path)
         env = shared_env(self.path)
         entries = env.stat()["entries"]
@@ -246,28 +233,9 @@ class LSUNFolder(ImageFolder):
     Args:
         root: the image folder.
         file_list: the CompVis list of paths relative to ``root``.
-        size: output height and width.
-        crop: ``"center"`` (CompVis) or ``"random"`` square crop.
-        flip_p: probability of a left-right flip per item (CompVis: 0.5 for training).
-        interpolation: PIL resampling: bicubic (CompVis), lanczos, bilinear, box or nearest.
-        alpha: transparency handling: ``"white"`` / ``"black"`` composite, or ``"drop"``.
-        skip_corrupt: replace undecodable images by the next readable one, with a warning.
-        return_path: add the file path as ``"path"``.
+        options: the decoding options (:class:`~ldm_smd.data.images.ImageOptions`; CompVis:
+            center crop, bicubic, ``flip_p`` 0.5 for training).
     """
 
-    def __init__(
-        self,
-        *,
-        root: str,
-        file_list: str,
-        size: int | None = 256,
-        crop: str = "center",
-        flip_p: float = 0.0,
-        interpolation: str = "bicubic",
-        alpha: str = "white",
-        skip_corrupt: bool = False,
-        return_path: bool = False,
-    ) -> None:
-        super().__init__(root=root, file_list=file_list, size=size, crop=crop, flip_p=flip_p,
-                         interpolation=interpolation, alpha=alpha, skip_corrupt=skip_corrupt,
-                         return_path=return_path)
+    def __init__(self, *, root: str, file_list: str, **options: Unpack[ImageOptions]) -> None:
+        super().__init__(root=root, file_list=file_list, **options)

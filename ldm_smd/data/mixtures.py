@@ -10,6 +10,9 @@ made by a generator:
 - ``images``: small pictures (``image_size`` 16 or 32, 1 or 3 channels) made of simple shapes,
   values in ``[-1, 1]``; the mixture lives in pixel space, ``dim = C * H * W``.
 
+A config names a mixture as a target/params block: :func:`ring_mixture`, :func:`grid_mixture`,
+:func:`random_mixture`, :func:`image_mixture`, or :class:`GaussianMixture` with explicit means.
+
 Everything is float64 internally; :meth:`GaussianMixture.sample` returns float32 by default.
 This module imports nothing from the networks or the diffusion process (layer contract).
 """
@@ -17,14 +20,12 @@ This module imports nothing from the networks or the diffusion process (layer co
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from ldm_smd.rng import GeneratorLike, randn
-
-MIXTURE_KINDS = ("explicit", "ring", "grid", "random", "images")
 
 
 class GaussianMixture:
@@ -73,10 +74,7 @@ class GaussianMixture:
                     f"GaussianMixture: image_shape {image_shape} has {math.prod(image_shape)} "
                     f"values but the means have dimension {d}"
                 )
-        self.means = m
-        self.stds = s
-        self.weights = w
-        self.image_shape = image_shape
+        self.means, self.stds, self.weights, self.image_shape = m, s, w, image_shape
 
     @property
     def num_components(self) -> int:
@@ -222,59 +220,45 @@ def image_prototypes(num_components: int, *, image_size: int = 16, channels: int
     return torch.stack(out)
 
 
-def build_mixture(spec: Mapping[str, Any]) -> GaussianMixture:
-    """Build a mixture from a config mapping (the ``mixture:`` block of a benchmark YAML).
+# --------------------------------------------------------------------------- config targets
+# A config names a mixture as a target/params block, e.g.
+# ``{target: ldm_smd.data.mixtures.ring_mixture, params: {num_components: 8, std: 0.1}}``;
+# the loader checks its keys against these signatures. Every kind also takes ``std`` (one standard
+# deviation for all components, or one each) and ``weights`` (normalised; ``None`` for equal).
 
-    Keys: ``kind`` (one of ``explicit``, ``ring``, ``grid``, ``random``, ``images``), ``dim``,
-    ``std`` (number or list), ``weights`` (list or null), and per kind: ``means`` (explicit);
-    ``num_components``, ``radius`` (ring); ``side``, ``spacing`` (grid); ``num_components``,
-    ``scale``, ``seed`` (random); ``num_components``, ``image_size``, ``channels`` (images).
-    """
-    spec = dict(spec)
-    kind = spec.pop("kind", "explicit")
-    allowed = {
-        "explicit": {"means", "dim"},
-        "ring": {"num_components", "radius", "dim"},
-        "grid": {"side", "spacing", "dim"},
-        "random": {"num_components", "dim", "scale", "seed"},
-        "images": {"num_components", "image_size", "channels"},
-    }
-    if kind not in allowed:
-        raise ValueError(f"mixture kind {kind!r} unknown; choose one of {list(allowed)}")
-    std = spec.pop("std", 1.0)
-    weights = spec.pop("weights", None)
-    unknown = set(spec) - allowed[kind]
-    if unknown:
-        raise ValueError(
-            f"mixture kind {kind!r}: unknown keys {sorted(unknown)}; valid: "
-            f"{sorted(allowed[kind] | {'kind', 'std', 'weights'})}"
-        )
-    image_shape = None
-    if kind == "explicit":
-        if "means" not in spec:
-            raise ValueError("mixture kind 'explicit' needs 'means'")
-        means = torch.as_tensor(spec["means"], dtype=torch.float64)
-        if "dim" in spec and means.ndim == 2 and means.shape[1] != int(spec["dim"]):
-            raise ValueError(f"mixture: dim {spec['dim']} but means have {means.shape[1]} columns")
-    elif kind == "ring":
-        means = ring_means(
-            int(spec.get("num_components", 8)), radius=float(spec.get("radius", 1.0)),
-            dim=int(spec.get("dim", 2)),
-        )
-    elif kind == "grid":
-        means = grid_means(
-            int(spec.get("side", 5)), spacing=float(spec.get("spacing", 1.0)),
-            dim=int(spec.get("dim", 2)),
-        )
-    elif kind == "random":
-        if "dim" not in spec:
-            raise ValueError("mixture kind 'random' needs 'dim'")
-        means = random_means(
-            int(spec.get("num_components", 8)), dim=int(spec["dim"]),
-            scale=float(spec.get("scale", 1.0)), seed=int(spec.get("seed", 0)),
-        )
-    else:
-        size, ch = int(spec.get("image_size", 16)), int(spec.get("channels", 1))
-        means = image_prototypes(int(spec.get("num_components", 8)), image_size=size, channels=ch)
-        image_shape = (ch, size, size)
-    return GaussianMixture(means=means, stds=std, weights=weights, image_shape=image_shape)
+Stds = float | list[float]
+Weights = list[float] | None
+
+
+def ring_mixture(*, num_components: int = 8, radius: float = 1.0, dim: int = 2,
+                 std: Stds = 1.0, weights: Weights = None) -> GaussianMixture:
+    """``num_components`` Gaussians evenly spaced on a circle of ``radius`` in the first two of
+    ``dim`` coordinates (:func:`ring_means`)."""
+    means = ring_means(num_components, radius=radius, dim=dim)
+    return GaussianMixture(means=means, stds=std, weights=weights)
+
+
+def grid_mixture(*, side: int = 5, spacing: float = 1.0, dim: int = 2, std: Stds = 1.0,
+                 weights: Weights = None) -> GaussianMixture:
+    """A ``side x side`` grid of Gaussians ``spacing`` apart, centred on the origin, in the first
+    two of ``dim`` coordinates (:func:`grid_means`)."""
+    return GaussianMixture(means=grid_means(side, spacing=spacing, dim=dim), stds=std,
+                           weights=weights)
+
+
+def random_mixture(*, num_components: int = 8, dim: int, scale: float = 1.0, seed: int = 0,
+                   std: Stds = 1.0, weights: Weights = None) -> GaussianMixture:
+    """Gaussians around ``num_components`` prototypes drawn from ``N(0, scale^2 I_dim)`` with
+    ``seed`` (the mixture's own, fixed; not a run's seed; :func:`random_means`)."""
+    prototypes = random_means(num_components, dim=dim, scale=scale, seed=seed)
+    return GaussianMixture(means=prototypes, stds=std, weights=weights)
+
+
+def image_mixture(*, num_components: int = 8, image_size: int = 16, channels: int = 1,
+                  std: Stds = 1.0, weights: Weights = None) -> GaussianMixture:
+    """Gaussians in pixel space around prototype pictures of ``image_size`` (16 or 32) pixels
+    and 1 or 3 ``channels`` (:func:`image_prototypes`); samples are ``(C, H, W)`` images and
+    ``std`` is per pixel."""
+    shape = (channels, image_size, image_size)
+    pictures = image_prototypes(num_components, image_size=image_size, channels=channels)
+    return GaussianMixture(means=pictures, stds=std, weights=weights, image_shape=shape)

@@ -89,23 +89,11 @@ class SyntheticShapes(Dataset):
     """
 
     def __init__(
-        self,
-        *,
-        size: int = 64,
-        length: int = 10000,
-        seed: int = 0,
-        num_shapes: int = 3,
-        num_colours: int = 4,
-        num_positions: int = 4,
-        shape_scale: float = 0.7,
-        position_jitter: float = 0.03,
-        scale_jitter: float = 0.1,
-        rotation_jitter: float = 15.0,
-        colour_jitter: float = 0.06,
-        background: str = "mixed",
-        background_jitter: float = 0.04,
-        texture_amplitude: float = 0.06,
-        noise_std: float = 0.02,
+        self, *, size: int = 64, length: int = 10000, seed: int = 0,
+        num_shapes: int = 3, num_colours: int = 4, num_positions: int = 4,
+        shape_scale: float = 0.7, position_jitter: float = 0.03, scale_jitter: float = 0.1,
+        rotation_jitter: float = 15.0, colour_jitter: float = 0.06, background: str = "mixed",
+        background_jitter: float = 0.04, texture_amplitude: float = 0.06, noise_std: float = 0.02,
     ) -> None:
         if size < 8:
             raise ValueError(f"SyntheticShapes: size={size} is too small (need at least 8)")
@@ -123,33 +111,19 @@ class SyntheticShapes(Dataset):
             raise ValueError(
                 f"SyntheticShapes: background={background!r} is not one of {BACKGROUND_MODES}"
             )
-        for name, value in (
-            ("shape_scale", shape_scale),
-            ("position_jitter", position_jitter),
-            ("scale_jitter", scale_jitter),
-            ("rotation_jitter", rotation_jitter),
-            ("colour_jitter", colour_jitter),
-            ("background_jitter", background_jitter),
-            ("texture_amplitude", texture_amplitude),
-            ("noise_std", noise_std),
-        ):
+        non_negative = {
+            "shape_scale": shape_scale, "position_jitter": position_jitter,
+            "scale_jitter": scale_jitter, "rotation_jitter": rotation_jitter,
+            "colour_jitter": colour_jitter, "background_jitter": background_jitter,
+            "texture_amplitude": texture_amplitude, "noise_std": noise_std,
+        }
+        for name, value in non_negative.items():
             if value < 0:
                 raise ValueError(f"SyntheticShapes: {name}={value} must be non-negative")
-        self.size = int(size)
-        self.length = int(length)
-        self.seed = int(seed)
-        self.num_shapes = int(num_shapes)
-        self.num_colours = int(num_colours)
-        self.num_positions = int(num_positions)
-        self.shape_scale = float(shape_scale)
-        self.position_jitter = float(position_jitter)
-        self.scale_jitter = float(scale_jitter)
-        self.rotation_jitter = float(rotation_jitter)
-        self.colour_jitter = float(colour_jitter)
-        self.background = background
-        self.background_jitter = float(background_jitter)
-        self.texture_amplitude = float(texture_amplitude)
-        self.noise_std = float(noise_std)
+            setattr(self, name, float(value))
+        self.size, self.length, self.seed = int(size), int(length), int(seed)
+        self.num_shapes, self.num_colours = int(num_shapes), int(num_colours)
+        self.num_positions, self.background = int(num_positions), background
         self._seed_key = _mix(np.array([self.seed & _M64], dtype=np.uint64))[0]
         self._grid = math.ceil(math.sqrt(self.num_positions))
         self._noise_keys: np.ndarray | None = None  # per-pixel stream keys, built on first use

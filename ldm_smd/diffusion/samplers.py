@@ -2,7 +2,9 @@
 
 A denoiser is any callable ``denoiser(x_t, t, generator) -> output`` (called positionally, so a
 network ``net(x_t, t, generator=None)`` can be passed as is), where ``output`` is the model's
-prediction in ``parameterization`` ("eps", "x0" or "v"). At every step the denoiser is called
+prediction in ``parameterization`` ("eps", "x0" or "v");
+:func:`~ldm_smd.diffusion.schedule.x0_and_eps` turns it into the x0 and eps estimates that every
+update uses (the one conversion of parameterisations). At every step the denoiser is called
 first (an SMD network draws its fresh ``eta`` from ``generator`` then), and the sampler's own
 noise is drawn after it, with :func:`ldm_smd.rng.randn` and the same generator (one generator for
 the batch, or a list of per-row generators, which makes the samples independent of the batch
@@ -30,12 +32,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
 
 from ldm_smd import rng
-from ldm_smd.diffusion.schedule import NoiseSchedule, check_parameterization
+from ldm_smd.diffusion.schedule import (
+    NoiseSchedule,
+    check_parameterization,
+    convert_prediction,
+    x0_and_eps,
+)
 from ldm_smd.rng import GeneratorLike
 
 SAMPLERS = ("ddpm", "ddim", "dpmpp")
@@ -196,19 +204,13 @@ def sample(
         a_s = abar[ts[i + 1]] if i + 1 < len(ts) else 1.0
         sa, s1 = math.sqrt(a_t), math.sqrt(1.0 - a_t)
         t_batch = torch.full((batch,), t, dtype=torch.long, device=x.device)
-        out = denoiser(x, t_batch, generator)
-        if parameterization == "eps":
-            x0 = (x - s1 * out) / sa
-        elif parameterization == "x0":
-            x0 = out
-        else:
-            x0 = sa * x - s1 * out
+        x0, eps = x0_and_eps(denoiser(x, t_batch, generator), x, sa, s1, parameterization)
         if clip_x0:
             x0 = x0.clamp(-1.0, 1.0)
+            eps = convert_prediction(x0, x, sa, s1, source="x0", target="eps")
         if sampler == "ddpm":
             x = ddpm_step(x, x0, a_t, a_s, generator)
         elif sampler == "ddim":
-            eps = out if parameterization == "eps" and not clip_x0 else (x - sa * x0) / s1
             x = ddim_step(x, x0, eps, a_t, a_s, ddim_eta, generator)
         else:
             x_new = dpmpp_2m_step(x, x0, a_t, a_s, prev)
@@ -216,3 +218,60 @@ def sample(
                 prev = (x0, _lam(a_s) - _lam(a_t))
             x = x_new
     return x
+
+
+class Sampler:
+    """A sampler and its options, as a model's ``sampler`` block names it; :meth:`run` draws.
+
+    Args:
+        kind: "ddpm", "ddim" or "dpmpp" (DPM-Solver++ 2M).
+        steps: number of denoiser calls, 1..T; ``None`` takes all ``T`` steps of the schedule.
+        spacing: "uniform", "trailing" or "quadratic" (see :func:`timesteps`).
+        ddim_eta: DDIM's stochasticity (0 deterministic, 1 DDPM-like); DDIM only.
+    """
+
+    def __init__(
+        self,
+        *,
+        kind: Literal["ddpm", "ddim", "dpmpp"] = "ddpm",
+        steps: int | None = None,
+        spacing: Literal["uniform", "trailing", "quadratic"] = "uniform",
+        ddim_eta: float = 0.0,
+    ) -> None:
+        if kind not in SAMPLERS:
+            raise ValueError(f"sampler kind={kind!r} is not one of {list(SAMPLERS)}")
+        if spacing not in SPACINGS:
+            raise ValueError(f"spacing={spacing!r} is not one of {list(SPACINGS)}")
+        if steps is not None and (isinstance(steps, bool) or int(steps) < 1):
+            raise ValueError(f"sampler steps={steps!r} must be a positive number or null")
+        if not float(ddim_eta) >= 0:
+            raise ValueError(f"ddim_eta={ddim_eta!r} must be non-negative")
+        self.kind = kind
+        self.steps = None if steps is None else int(steps)
+        self.spacing = spacing
+        self.ddim_eta = float(ddim_eta)
+
+    def __repr__(self) -> str:
+        return (f"Sampler(kind={self.kind!r}, steps={self.steps}, spacing={self.spacing!r}, "
+                f"ddim_eta={self.ddim_eta})")
+
+    def replace(self, **options: object) -> Sampler:
+        """A copy with the options that are not ``None`` in ``options`` changed."""
+        current = {"kind": self.kind, "steps": self.steps, "spacing": self.spacing,
+                   "ddim_eta": self.ddim_eta}
+        unknown = sorted(set(options) - set(current))
+        if unknown:
+            raise TypeError(f"Sampler.replace: unknown option(s) {unknown}; valid: "
+                            f"{sorted(current)}")
+        current.update({k: v for k, v in options.items() if v is not None})
+        return Sampler(**current)  # type: ignore[arg-type]
+
+    def run(self, denoiser: Denoiser, shape: tuple[int, ...] | list[int] | torch.Size, *,
+            schedule: NoiseSchedule, parameterization: str, **kwargs: object) -> torch.Tensor:
+        """:func:`sample` with these options; ``kwargs`` are :func:`sample`'s others
+        (``generator``, ``clip_x0``, ``x_T``, ``progress``, ``device``, ``dtype``)."""
+        return sample(
+            denoiser, shape, schedule=schedule, parameterization=parameterization,
+            sampler=self.kind, steps=self.steps, spacing=self.spacing, ddim_eta=self.ddim_eta,
+            **kwargs,  # type: ignore[arg-type]
+        )

@@ -1,4 +1,4 @@
-"""Noise schedules of the forward process, and conversions between eps / x0 / v.
+"""Noise schedules of the forward process, and the conversion between eps / x0 / v.
 
 Conventions (the project contract): ``t`` is a ``(B,)`` long tensor of 0-based training indices
 ``0 .. T-1``; ``x_t = sqrt(abar[t]) x0 + sqrt(1 - abar[t]) eps`` with ``abar[0] = 1 - beta[0]``
@@ -57,17 +57,13 @@ def _linear_log_abar(s: np.ndarray, start: float, end: float) -> np.ndarray:
 
 
 def make_betas(
-    kind: str,
-    num_timesteps: int,
-    *,
-    linear_start: float = 1e-4,
-    linear_end: float = 2e-2,
-    cosine_s: float = 8e-3,
-    sigmoid_start: float = -3.0,
-    sigmoid_end: float = 3.0,
-    sigmoid_tau: float = 1.0,
+    kind: str, num_timesteps: int, *, linear: tuple[float, float] = (1e-4, 2e-2),
+    cosine_s: float = 8e-3, sigmoid: tuple[float, float, float] = (-3.0, 3.0, 1.0),
 ) -> np.ndarray:
-    """float64 betas of length ``num_timesteps`` for schedule ``kind`` (see the module doc)."""
+    """float64 betas of length ``num_timesteps`` for schedule ``kind`` (see the module doc):
+    ``linear = (linear_start, linear_end)``, ``sigmoid = (sigmoid_start, sigmoid_end,
+    sigmoid_tau)`` as :class:`NoiseSchedule` names them."""
+    (linear_start, linear_end), (sigmoid_start, sigmoid_end, sigmoid_tau) = linear, sigmoid
     if kind not in SCHEDULE_KINDS:
         raise ValueError(f"schedule kind={kind!r} is not one of {list(SCHEDULE_KINDS)}")
     T = int(num_timesteps)
@@ -143,16 +139,8 @@ class NoiseSchedule:
     ) -> None:
         self.kind = kind
         self.num_timesteps = int(num_timesteps)
-        betas = make_betas(
-            kind,
-            num_timesteps,
-            linear_start=linear_start,
-            linear_end=linear_end,
-            cosine_s=cosine_s,
-            sigmoid_start=sigmoid_start,
-            sigmoid_end=sigmoid_end,
-            sigmoid_tau=sigmoid_tau,
-        )
+        betas = make_betas(kind, num_timesteps, linear=(linear_start, linear_end),
+                           cosine_s=cosine_s, sigmoid=(sigmoid_start, sigmoid_end, sigmoid_tau))
         alphas = 1.0 - betas
         abar = np.cumprod(alphas)
         abar_prev = np.concatenate([[1.0], abar[:-1]])
@@ -244,49 +232,50 @@ class NoiseSchedule:
             - self.gather("sqrt_one_minus_alphas_cumprod", t, x0) * x0
         )
 
-    def to_x0(
-        self, pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, parameterization: str
-    ) -> torch.Tensor:
-        """x0 implied by a prediction ``pred`` of kind ``parameterization`` at (x_t, t)."""
-        check_parameterization(parameterization)
-        if parameterization == "x0":
-            return pred
-        a = self.gather("sqrt_alphas_cumprod", t, x_t)
-        s = self.gather("sqrt_one_minus_alphas_cumprod", t, x_t)
-        if parameterization == "eps":
-            return (x_t - s * pred) / a
-        return a * x_t - s * pred
-
-    def to_eps(
-        self, pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, parameterization: str
-    ) -> torch.Tensor:
-        """eps implied by a prediction ``pred`` of kind ``parameterization`` at (x_t, t)."""
-        check_parameterization(parameterization)
-        if parameterization == "eps":
-            return pred
-        a = self.gather("sqrt_alphas_cumprod", t, x_t)
-        s = self.gather("sqrt_one_minus_alphas_cumprod", t, x_t)
-        if parameterization == "x0":
-            return (x_t - a * pred) / s
-        return s * x_t + a * pred
-
-    def to_v(
-        self, pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, parameterization: str
-    ) -> torch.Tensor:
-        """v implied by a prediction ``pred`` of kind ``parameterization`` at (x_t, t)."""
-        check_parameterization(parameterization)
-        if parameterization == "v":
-            return pred
-        a = self.gather("sqrt_alphas_cumprod", t, x_t)
-        s = self.gather("sqrt_one_minus_alphas_cumprod", t, x_t)
-        if parameterization == "eps":  # v = (eps - s x_t) / a ; x0 = (x_t - s eps) / a
-            return (pred - s * x_t) / a
-        return (a * x_t - pred) / s  # from x0: v = a eps - s x0 with eps = (x_t - a x0) / s
-
     def convert(
         self, pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, *, source: str, target: str
     ) -> torch.Tensor:
-        """Convert a prediction from parameterization ``source`` to ``target``."""
-        check_parameterization(target)
-        fn = {"eps": self.to_eps, "x0": self.to_x0, "v": self.to_v}[target]
-        return fn(pred, x_t, t, source)
+        """Convert a prediction at ``(x_t, t)`` from parameterization ``source`` to ``target``
+        (:func:`convert_prediction` with this schedule's coefficients at ``t``)."""
+        return convert_prediction(
+            pred, x_t, self.gather("sqrt_alphas_cumprod", t, x_t),
+            self.gather("sqrt_one_minus_alphas_cumprod", t, x_t), source=source, target=target,
+        )
+
+
+def x0_and_eps(
+    pred: torch.Tensor,
+    x_t: torch.Tensor,
+    sqrt_abar: float | torch.Tensor,
+    sqrt_one_minus_abar: float | torch.Tensor,
+    parameterization: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``(x0, eps)`` that a prediction of kind ``parameterization`` implies at ``x_t``.
+
+    The one place where a network output becomes what the samplers and conversions need:
+    ``x_t = a x0 + s eps`` with ``a = sqrt_abar``, ``s = sqrt_one_minus_abar`` (numbers, or
+    tensors that broadcast against ``x_t``), and ``v = a eps - s x0``, so ``x0 = a x_t - s v``
+    and ``eps = s x_t + a v``.
+    """
+    check_parameterization(parameterization)
+    a, s = sqrt_abar, sqrt_one_minus_abar
+    if parameterization == "eps":
+        return (x_t - s * pred) / a, pred
+    if parameterization == "x0":
+        return pred, (x_t - a * pred) / s
+    return a * x_t - s * pred, s * x_t + a * pred
+
+
+def convert_prediction(pred: torch.Tensor, x_t: torch.Tensor, sqrt_abar: float | torch.Tensor,
+                       sqrt_one_minus_abar: float | torch.Tensor, *, source: str,
+                       target: str) -> torch.Tensor:
+    """Convert ``pred`` from parameterization ``source`` to ``target`` (see :func:`x0_and_eps`)."""
+    check_parameterization(target)
+    x0, eps = x0_and_eps(pred, x_t, sqrt_abar, sqrt_one_minus_abar, source)
+    if source == target:
+        return pred
+    if target == "x0":
+        return x0
+    if target == "eps":
+        return eps
+    return sqrt_abar * eps - sqrt_one_minus_abar * x0

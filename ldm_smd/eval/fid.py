@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ldm_smd.checkpoints import atomic_write
 from ldm_smd.errors import LdmSmdError
 
 FID_MIN_SAMPLES = 2048
@@ -292,16 +293,13 @@ def save_statistics(
     ``mu`` and ``sigma`` may come from more rows than the stored ``features`` (a subset kept
     for KID and precision / recall); ``num_samples`` is the number of rows behind ``mu``.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {"mu": np.asarray(mu, np.float64), "sigma": np.asarray(sigma, np.float64)}
     if features is not None:
         arrays["features"] = np.asarray(features, np.float32)
     if num_samples is not None:
         arrays["num_samples"] = np.int64(num_samples)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **arrays, **{k: np.str_(v) for k, v in meta.items()})
-    os.replace(tmp, path)
+    atomic_write(path, lambda handle: np.savez(
+        handle, **arrays, **{k: np.str_(v) for k, v in meta.items()}))
 
 
 def load_statistics(path: str | os.PathLike) -> dict[str, np.ndarray]:

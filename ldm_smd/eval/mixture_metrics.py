@@ -42,7 +42,11 @@ import torch
 from scipy import special, stats
 
 from ldm_smd.data.mixtures import GaussianMixture
-from ldm_smd.rng import randn
+from ldm_smd.diffusion.schedule import check_parameterization, convert_prediction
+from ldm_smd.rng import derive_seed, randn
+
+#: first key of the seed of the fresh true sample behind ``sw_floor`` (see :mod:`ldm_smd.rng`)
+FRESH_STREAM = 12
 
 PRECISION_MASS = 1.0 - math.exp(-4.5)
 
@@ -128,7 +132,8 @@ def mixture_metrics(
     """All section-6 metrics of ``samples`` (``(N, ...)``, flattened to ``(N, D)``).
 
     ``fresh`` is a true sample of the same size as ``samples`` (drawn with a generator seeded
-    ``seed + 1_000_003`` when omitted); ``sw_floor`` is its distance to the mixture.
+    ``derive_seed(seed, FRESH_STREAM, 0)`` when omitted); ``sw_floor`` is its distance to the
+    mixture.
     """
     x = samples.reshape(samples.shape[0], -1).to(torch.float64)
     n = x.shape[0]
@@ -153,7 +158,8 @@ def mixture_metrics(
         kl, spread = float("nan"), float("nan")
     logp = mixture.log_prob(xf) if xf.shape[0] else torch.tensor([float("nan")])
     if fresh is None:
-        fresh = mixture.sample(n, generator=torch.Generator().manual_seed(seed + 1_000_003))[0]
+        fresh = mixture.sample(
+            n, generator=torch.Generator().manual_seed(derive_seed(seed, FRESH_STREAM, 0)))[0]
     return {
         "precision": n_precise / n,
         "recall": float(recalled.to(torch.float64).mean()),
@@ -298,8 +304,7 @@ def oracle_denoiser(mixture: GaussianMixture, betas: torch.Tensor, parameterizat
     run with zero network error.
     """
     _, abar_all, _ = _cumprod_with_one(betas)
-    if parameterization not in ("eps", "x0", "v"):
-        raise ValueError(f"oracle_denoiser: parameterization {parameterization!r} unknown")
+    check_parameterization(parameterization)
 
     def denoise(x_t: torch.Tensor, t: torch.Tensor, generator=None, **_: object) -> torch.Tensor:
         flat = x_t.reshape(x_t.shape[0], -1).to(torch.float64)
@@ -308,10 +313,8 @@ def oracle_denoiser(mixture: GaussianMixture, betas: torch.Tensor, parameterizat
             rows = t == ti
             a = float(abar_all[int(ti)])
             x0 = posterior_mean_x0(flat[rows], mixture, a)
-            eps = (flat[rows] - math.sqrt(a) * x0) / math.sqrt(1.0 - a)
-            out[rows] = {"eps": eps, "x0": x0, "v": math.sqrt(a) * eps - math.sqrt(1 - a) * x0}[
-                parameterization
-            ]
+            out[rows] = convert_prediction(x0, flat[rows], math.sqrt(a), math.sqrt(1.0 - a),
+                                           source="x0", target=parameterization)
         return out.reshape(x_t.shape).to(x_t.dtype)
 
     return denoise

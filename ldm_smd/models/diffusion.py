@@ -5,27 +5,39 @@ by config), the schedule, objective and samplers from ``ldm_smd.diffusion``. Che
 follow CompVis: ``model.diffusion_model.*`` for the network, ``model_ema.*`` for its average and
 ``first_stage_model.*`` for the frozen autoencoder, so a stage-2 checkpoint is self-contained.
 
+The components are named one way, as ``target`` / ``params`` blocks: ``network``, ``schedule``
+(:class:`~ldm_smd.diffusion.schedule.NoiseSchedule`), ``objective`` (a class of
+:mod:`ldm_smd.diffusion.objectives`) and ``sampler`` (:class:`~ldm_smd.diffusion.samplers.Sampler`);
+the config loader checks every key of them against the constructors before any work
+(:meth:`LatentDiffusion.check_config`). Soft Mixture Denoising is chosen by the network's
+target (:class:`~ldm_smd.nn.smd.SMDNetwork`); the denoising objective over it is the paper's.
+
 Training randomness (timesteps, noise, SMD's ``eta``, posterior samples) comes from a generator
-seeded by ``(seed, global_step, rank)``, so a resumed run draws exactly what an uninterrupted
-one would have.
+seeded ``derive_seed(seed, TRAIN_STREAM, global_step, rank, stream)``, so a resumed run draws
+exactly what an uninterrupted one would have.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
 import torch
 from torch import nn
 
-from ldm_smd.checkpoints import CheckpointError
-from ldm_smd.config import instantiate
-from ldm_smd.diffusion.objectives import build_objective
-from ldm_smd.diffusion.samplers import sample as run_sampler
+from ldm_smd import rng
+from ldm_smd.config import ConfigError, instantiate
+from ldm_smd.diffusion.samplers import Sampler
 from ldm_smd.diffusion.schedule import NoiseSchedule
-from ldm_smd.models.ema import EMA
+from ldm_smd.models.components import check_model_params, component
+from ldm_smd.models.ema import EMA, check_ema_state
 from ldm_smd.models.first_stage import IDENTITY, FirstStage, build_first_stage
 from ldm_smd.rng import GeneratorLike
+
+#: first keys of the seeds derived from ``seed`` (see :mod:`ldm_smd.rng`)
+TRAIN_STREAM, VALIDATION_STREAM = 1, 2
 
 
 class _DiffusionWrapper(nn.Module):
@@ -36,39 +48,19 @@ class _DiffusionWrapper(nn.Module):
         self.diffusion_model = network
 
 
-def check_ema_state(state_dict: dict[str, Any], ema_decay: float | None) -> None:
-    """Raise :class:`CheckpointError` when a checkpoint's EMA (present or not, its decay)
-    differs from the config's ``model.params.ema_decay``."""
-    saved = state_dict.get("model_ema.decay")
-    has_ema = saved is not None or any(k.startswith("model_ema.") for k in state_dict)
-    if has_ema and not ema_decay:
-        raise CheckpointError(
-            "the checkpoint has an EMA of the network weights (model_ema.*) but the config sets "
-            "model.params.ema_decay=null: set model.params.ema_decay to the checkpoint's decay"
-            + (f" ({float(saved):g})" if saved is not None else "")
-        )
-    if ema_decay and not has_ema:
-        raise CheckpointError(
-            f"the config sets model.params.ema_decay={ema_decay:g} but the checkpoint has no EMA "
-            "(no model_ema.* weights): set model.params.ema_decay=null to continue it"
-        )
-    if has_ema and saved is not None and abs(float(saved) - float(ema_decay)) > 1e-12:
-        raise CheckpointError(
-            f"the checkpoint's EMA decay is {float(saved):g} but the config sets "
-            f"model.params.ema_decay={ema_decay:g}: resuming would change the average's meaning; "
-            "use the checkpoint's value"
-        )
-
-
 class LatentDiffusion(L.LightningModule):
-    """Latent (or pixel-space) diffusion with optional Soft Mixture Denoising.
+    """Latent (or pixel-space, or vector) diffusion with optional Soft Mixture Denoising.
 
     Args:
         network: ``target`` / ``params`` block of the denoising network: a backbone such as
-            ``ldm_smd.nn.unet.UNetModel``, or ``ldm_smd.nn.smd.SMDNetwork`` wrapping one.
+            ``ldm_smd.nn.unet.UNetModel`` or ``ldm_smd.nn.mlp.MLPDenoiser``, or
+            ``ldm_smd.nn.smd.SMDNetwork`` wrapping one.
+        latent_shape: shape of one diffusion variable: ``[C, H, W]`` for images or latents,
+            ``[D]`` for vectors; give it or ``image_size`` and ``channels``, not both.
         image_size: spatial size of the diffusion variable (latent size, or pixel size when the
-            first stage is the identity).
-        channels: channels of the diffusion variable.
+            first stage is the identity): CompVis's name, with ``channels`` for
+            ``latent_shape = [channels, image_size, image_size]``.
+        channels: channels of the diffusion variable (with ``image_size``).
         first_stage: ``identity`` (pixel-space DDPM), or the path of a stage-1 checkpoint, a
             CompVis ``model.ckpt`` or a diffusers ``AutoencoderKL`` folder.
         first_stage_config: the first stage's architecture (``ddconfig``, ``embed_dim``): needed
@@ -76,15 +68,22 @@ class LatentDiffusion(L.LightningModule):
         scale_factor: latents are ``scale_factor * E(x)``; ``None`` takes the first stage's own
             (a diffusers folder's ``scaling_factor``), else it must be given (``ldm-smd
             scale-factor`` estimates it). Ignored for the identity.
-        parameterization: what the network predicts: ``eps``, ``x0`` or ``v``.
-        schedule: keyword arguments of ``NoiseSchedule`` (kind, num_timesteps, ...).
-        objective: ``name`` (``vanilla``, ``smd_paper``, ``smd_mixture``) and its parameters.
+        parameterization: what the network predicts: ``eps``, ``x0`` or ``v`` (also the
+            objective's; the objective block does not repeat it).
+        schedule: ``target`` / ``params`` block of the noise schedule (default
+            ``NoiseSchedule()``).
+        objective: ``target`` / ``params`` block of the training objective: ``DenoisingObjective``
+            (default; over an SMD network it is the paper's objective), ``MixtureObjective`` or
+            ``EnergyObjective`` (these two need an SMD network), from
+            :mod:`ldm_smd.diffusion.objectives`.
         learning_rate: AdamW learning rate (used as given; never rescaled silently).
         weight_decay: AdamW weight decay.
         lr_warmup_steps: linear warm-up of the learning rate over this many steps.
+        lr_schedule: ``constant``, or ``cosine``: ``0.5 (1 + cos(pi s / S))`` times the rate at
+            step ``s`` of ``S = trainer.max_steps`` (to zero at the end of the run).
         ema_decay: decay of the EMA of the network weights; ``None`` disables the EMA.
-        sampler: default sampler for previews: ``name`` (ddpm, ddim, dpmpp), ``steps``,
-            ``spacing``, ``ddim_eta``.
+        sampler: ``target`` / ``params`` block of the default sampler (previews, ``ldm-smd
+            sample``): ``ldm_smd.diffusion.samplers.Sampler`` (kind, steps, spacing, ddim_eta).
         clip_x0: clip predicted ``x0`` to ``[-1, 1]`` while sampling (pixel space only).
         seed: seed of the training randomness.
         load_first_stage_weights: read the first stage from ``first_stage``; ``False`` when the
@@ -95,8 +94,9 @@ class LatentDiffusion(L.LightningModule):
         self,
         *,
         network: dict,
-        image_size: int,
-        channels: int,
+        latent_shape: list[int] | None = None,
+        image_size: int | None = None,
+        channels: int | None = None,
         first_stage: str = IDENTITY,
         first_stage_config: dict | None = None,
         scale_factor: float | None = None,
@@ -106,6 +106,7 @@ class LatentDiffusion(L.LightningModule):
         learning_rate: float = 1e-4,
         weight_decay: float = 0.0,
         lr_warmup_steps: int = 0,
+        lr_schedule: str = "constant",
         ema_decay: float | None = 0.9999,
         sampler: dict | None = None,
         clip_x0: bool = False,
@@ -113,6 +114,12 @@ class LatentDiffusion(L.LightningModule):
         load_first_stage_weights: bool = True,
     ) -> None:
         super().__init__()
+        self.check_config(
+            {"network": network, "latent_shape": latent_shape, "image_size": image_size,
+             "channels": channels, "schedule": schedule, "objective": objective,
+             "sampler": sampler, "lr_schedule": lr_schedule},
+            key="model",
+        )
         autoencoder, own_scale, architecture = build_first_stage(
             first_stage, architecture=first_stage_config, load_weights=load_first_stage_weights
         )
@@ -139,24 +146,29 @@ class LatentDiffusion(L.LightningModule):
         self.model_ema = (
             EMA(model=self.model.diffusion_model, decay=ema_decay) if ema_decay else None
         )
-        self.schedule = NoiseSchedule(**(schedule or {}))
-        objective = dict(objective or {"name": "vanilla"})
-        self.objective = build_objective(
-            objective.pop("name", "vanilla"), parameterization=parameterization, **objective
+        self.schedule: NoiseSchedule = instantiate(component(schedule, "schedule"))
+        self.objective = instantiate(
+            component(objective, "objective"), parameterization=parameterization
         )
+        self.sampler: Sampler = instantiate(component(sampler, "sampler"))
         self.parameterization = parameterization
-        self.sampler_defaults = {"name": "ddpm", "steps": None, "spacing": "uniform"}
-        self.sampler_defaults.update(sampler or {})
-        self.latent_shape = (channels, image_size, image_size)
+        self.latent_shape = tuple(
+            int(v) for v in (latent_shape or (channels, image_size, image_size))
+        )
         self.loss_terms: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def check_config(cls, params: Mapping[str, Any], *, key: str = "model") -> None:
+        """What the signature cannot say, checked when a config is loaded (before any work):
+        :func:`ldm_smd.models.components.check_model_params`."""
+        check_model_params(params, key=key)
 
     # ------------------------------------------------------------------ training
 
     def _generator(self, stream: int) -> torch.Generator:
         """A CPU generator for this step: a function of (seed, step, rank, stream) only."""
-        seed = int(self.hparams["seed"])
-        key = (seed * 1_000_003 + self.global_step) * 1_009 + self.global_rank * 8 + stream
-        return torch.Generator().manual_seed(key % (2**63 - 1))
+        return rng.generator(int(self.hparams["seed"]), TRAIN_STREAM, self.global_step,
+                             self.global_rank, stream)
 
     def forward_loss(
         self, images: torch.Tensor, generator: GeneratorLike
@@ -170,11 +182,15 @@ class LatentDiffusion(L.LightningModule):
         loss, logs = self.forward_loss(batch["image"], self._generator(0))
         # read by the NaN guard before the optimizer step, to name a non-finite term
         self.loss_terms = {"loss": loss, **logs}
-        self.log_dict({f"train/{k}": v for k, v in logs.items()}, prog_bar=True, on_step=True)
+        trainer = self.trainer
+        if trainer.loggers or trainer.progress_bar_callback is not None:
+            # self.log costs about 0.5 ms a value on the CPU: only where a logger or the bar
+            # shows it (a run without either, as each benchmark run, saves that per step)
+            self.log_dict({f"train/{k}": v for k, v in logs.items()}, prog_bar=True, on_step=True)
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        generator = torch.Generator().manual_seed(int(self.hparams["seed"]) + batch_idx)
+        generator = rng.generator(int(self.hparams["seed"]), VALIDATION_STREAM, batch_idx)
         loss, logs = self.forward_loss(batch["image"], generator)
         self.log_dict({f"val/{k}": v for k, v in logs.items()}, sync_dist=True)
 
@@ -189,14 +205,30 @@ class LatentDiffusion(L.LightningModule):
         """Refuse a checkpoint whose EMA disagrees with this model's config (before loading)."""
         check_ema_state(checkpoint.get("state_dict") or {}, self.hparams["ema_decay"])
 
+    def lr_factor(self, step: int, total_steps: int | None) -> float:
+        """The learning rate at optimizer step ``step`` over the configured rate: the warm-up
+        times the schedule (``total_steps`` is the run's length, needed by ``cosine``)."""
+        warmup = int(self.hparams["lr_warmup_steps"])
+        factor = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+        if self.hparams["lr_schedule"] == "cosine":
+            if not total_steps or total_steps < 1:
+                raise ConfigError(
+                    "model.params.lr_schedule=cosine decays over the run: set trainer.max_steps"
+                )
+            factor *= 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
+        return factor
+
     def configure_optimizers(self) -> Any:
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(
             params, lr=self.hparams["learning_rate"], weight_decay=self.hparams["weight_decay"]
         )
-        warmup = int(self.hparams["lr_warmup_steps"])
+        total = None
+        if self.hparams["lr_schedule"] == "cosine":
+            total = int(self.trainer.max_steps)
+            self.lr_factor(0, total)  # a missing max_steps is an error now, not at step 1
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+            optimizer, lambda step: self.lr_factor(step, total)
         )
         schedule = {"scheduler": scheduler, "interval": "step"}
         return {"optimizer": optimizer, "lr_scheduler": schedule}
@@ -216,25 +248,20 @@ class LatentDiffusion(L.LightningModule):
         use_ema: bool = True,
         progress: bool = False,
     ) -> torch.Tensor:
-        """Draw ``n`` samples of the diffusion variable (latents, or pixels for the identity)."""
-        opts = self.sampler_defaults
+        """Draw ``n`` samples of the diffusion variable (latents, pixels or vectors) with the
+        model's sampler; ``sampler`` (its kind), ``steps``, ``spacing``, ``ddim_eta`` override
+        the options of the ``sampler`` block."""
+        chosen = self.sampler.replace(kind=sampler, steps=steps, spacing=spacing,
+                                      ddim_eta=ddim_eta)
         network = self.model.diffusion_model
-        steps = steps or opts.get("steps") or self.schedule.num_timesteps
-
-        def denoiser(x: torch.Tensor, t: torch.Tensor, g: GeneratorLike) -> torch.Tensor:
-            return network(x, t, generator=g)
 
         def run() -> torch.Tensor:
-            return run_sampler(
-                denoiser,
+            return chosen.run(
+                network,
                 (n, *self.latent_shape),
                 schedule=self.schedule,
                 parameterization=self.parameterization,
-                sampler=sampler or opts["name"],
-                steps=steps,
-                spacing=spacing or opts.get("spacing", "uniform"),
                 generator=generator,
-                ddim_eta=opts.get("ddim_eta", 0.0) if ddim_eta is None else ddim_eta,
                 clip_x0=bool(self.hparams["clip_x0"]) and self.first_stage_model.is_identity,
                 progress=progress,
                 device=self.device,
@@ -255,3 +282,4 @@ class LatentDiffusion(L.LightningModule):
         """Draw ``n`` images in ``[-1, 1]`` (decoded through the first stage)."""
         latents = self.sample_latents(n, generator=generator, **kwargs)
         return self.first_stage_model.decode(latents).clamp(-1.0, 1.0)
+

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
+
+from ldm_smd.checkpoints import CheckpointError
 
 
 class EMA(nn.Module):
@@ -68,3 +71,27 @@ class EMA(nn.Module):
                 for name, param in model.named_parameters():
                     if name in saved:
                         param.copy_(saved[name])
+
+
+def check_ema_state(state_dict: dict[str, Any], ema_decay: float | None) -> None:
+    """Raise :class:`CheckpointError` when a checkpoint's EMA (present or not, its decay)
+    differs from the config's ``model.params.ema_decay``."""
+    saved = state_dict.get("model_ema.decay")
+    has_ema = saved is not None or any(k.startswith("model_ema.") for k in state_dict)
+    if has_ema and not ema_decay:
+        raise CheckpointError(
+            "the checkpoint has an EMA of the network weights (model_ema.*) but the config sets "
+            "model.params.ema_decay=null: set model.params.ema_decay to the checkpoint's decay"
+            + (f" ({float(saved):g})" if saved is not None else "")
+        )
+    if ema_decay and not has_ema:
+        raise CheckpointError(
+            f"the config sets model.params.ema_decay={ema_decay:g} but the checkpoint has no EMA "
+            "(no model_ema.* weights): set model.params.ema_decay=null to continue it"
+        )
+    if has_ema and saved is not None and abs(float(saved) - float(ema_decay)) > 1e-12:
+        raise CheckpointError(
+            f"the checkpoint's EMA decay is {float(saved):g} but the config sets "
+            f"model.params.ema_decay={ema_decay:g}: resuming would change the average's meaning; "
+            "use the checkpoint's value"
+        )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -144,11 +145,27 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-def _level(blocks: list[nn.Module], attns: list[nn.Module]) -> nn.Module:
+def _level(block_in: int, block_out: int, *, num_blocks: int, attention: bool,
+           dropout: float) -> nn.Module:
+    """One resolution level: ``num_blocks`` residual blocks ``block_in -> block_out``, each
+    followed by self-attention when ``attention`` (CompVis names ``block.N``, ``attn.N``)."""
     level = nn.Module()
-    level.block = nn.ModuleList(blocks)
-    level.attn = nn.ModuleList(attns)
+    level.block = nn.ModuleList(
+        ResnetBlock(in_channels=c, out_channels=block_out, dropout=dropout)
+        for c in [block_in] + [block_out] * (num_blocks - 1)
+    )
+    level.attn = nn.ModuleList(
+        AttnBlock(channels=block_out) for _ in range(num_blocks if attention else 0)
+    )
     return level
+
+
+def _run_level(level: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    for i, block in enumerate(level.block):
+        h = block(h)
+        if len(level.attn) > 0:
+            h = level.attn[i](h)
+    return h
 
 
 def _mid(channels: int, dropout: float) -> nn.Module:
@@ -198,18 +215,11 @@ class Encoder(nn.Module):
         self.down = nn.ModuleList()
         block_out = ch
         for i, mult in enumerate(ch_mult):
-            block_in, block_out = ch * in_mult[i], ch * mult
-            blocks, attns = [], []
-            for _ in range(num_res_blocks):
-                blocks.append(
-                    ResnetBlock(in_channels=block_in, out_channels=block_out, dropout=dropout)
-                )
-                block_in = block_out
-                if res in attn_resolutions:
-                    attns.append(AttnBlock(channels=block_in))
-            level = _level(blocks, attns)
+            block_out = ch * mult
+            level = _level(ch * in_mult[i], block_out, num_blocks=num_res_blocks,
+                           attention=res in attn_resolutions, dropout=dropout)
             if i != len(ch_mult) - 1:
-                level.downsample = Downsample(channels=block_in)
+                level.downsample = Downsample(channels=block_out)
                 res //= 2
             self.down.append(level)
         self.mid = _mid(block_out, dropout)
@@ -220,10 +230,7 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
         for level in self.down:
-            for i, block in enumerate(level.block):
-                h = block(h)
-                if len(level.attn) > 0:
-                    h = level.attn[i](h)
+            h = _run_level(level, h)
             if hasattr(level, "downsample"):
                 h = level.downsample(h)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
@@ -232,68 +239,38 @@ class Encoder(nn.Module):
 
 class Decoder(nn.Module):
     """Latent (``z_channels``) -> image (``out_ch``); the spatial size grows by
-    ``2 ** (len(ch_mult) - 1)``. Takes the same ddconfig as :class:`Encoder`.
-
-    Args:
-        ch: base channel count.
-        ch_mult: channel multiplier per resolution level.
-        num_res_blocks: residual blocks per level (the decoder uses one more per level).
-        z_channels: latent channels after ``post_quant_conv``.
-        out_ch: image channels.
-        in_channels: image channels of the encoder (accepted so one ddconfig builds both; unused).
-        attn_resolutions: feature-map sizes (relative to ``resolution``) that get self-attention.
-        double_z: encoder option (accepted so one ddconfig builds both; unused).
-        resolution: nominal output size, used only to place ``attn_resolutions``.
-        dropout: dropout inside residual blocks.
+    ``2 ** (len(ch_mult) - 1)``. Takes the ddconfig of :class:`Encoder` (its keys are documented
+    there and in the module docstring; the decoder uses one more residual block per level and
+    ignores the encoder-only ``in_channels`` and ``double_z``).
     """
 
-    def __init__(
-        self,
-        *,
-        ch: int,
-        ch_mult: Sequence[int],
-        num_res_blocks: int,
-        z_channels: int,
-        out_ch: int = 3,
-        in_channels: int = 3,
-        attn_resolutions: Sequence[int] = (),
-        double_z: bool = True,
-        resolution: int = 256,
-        dropout: float = 0.0,
-    ) -> None:
+    def __init__(self, **ddconfig: Any) -> None:
         super().__init__()
+        cfg = check_ddconfig(ddconfig)
+        ch, ch_mult, dropout = cfg["ch"], cfg["ch_mult"], cfg["dropout"]
         block_in = ch * ch_mult[-1]
-        res = resolution // 2 ** (len(ch_mult) - 1)
-        self.conv_in = nn.Conv2d(z_channels, block_in, 3, padding=1)
+        res = cfg["resolution"] // 2 ** (len(ch_mult) - 1)
+        self.conv_in = nn.Conv2d(cfg["z_channels"], block_in, 3, padding=1)
         self.mid = _mid(block_in, dropout)
         levels: list[nn.Module] = []
         for i in reversed(range(len(ch_mult))):
             block_out = ch * ch_mult[i]
-            blocks, attns = [], []
-            for _ in range(num_res_blocks + 1):
-                blocks.append(
-                    ResnetBlock(in_channels=block_in, out_channels=block_out, dropout=dropout)
-                )
-                block_in = block_out
-                if res in attn_resolutions:
-                    attns.append(AttnBlock(channels=block_in))
-            level = _level(blocks, attns)
+            level = _level(block_in, block_out, num_blocks=cfg["num_res_blocks"] + 1,
+                           attention=res in cfg["attn_resolutions"], dropout=dropout)
+            block_in = block_out
             if i != 0:
                 level.upsample = Upsample(channels=block_in)
                 res *= 2
             levels.insert(0, level)  # up[i] is level i, as in CompVis
         self.up = nn.ModuleList(levels)
         self.norm_out = _norm(block_in)
-        self.conv_out = nn.Conv2d(block_in, out_ch, 3, padding=1)
+        self.conv_out = nn.Conv2d(block_in, cfg["out_ch"], 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(z)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
         for level in reversed(self.up):
-            for i, block in enumerate(level.block):
-                h = block(h)
-                if len(level.attn) > 0:
-                    h = level.attn[i](h)
+            h = _run_level(level, h)
             if hasattr(level, "upsample"):
                 h = level.upsample(h)
         return self.conv_out(F.silu(self.norm_out(h)))

@@ -54,13 +54,9 @@ class MLPDenoiser(nn.Module):
                 f"MLPDenoiser: need dim >= 1, hidden >= 1, depth >= 0, time_embed_dim >= 2; "
                 f"got {dim=}, {hidden=}, {depth=}, {time_embed_dim=}"
             )
-        self.dim = dim
-        self.in_channels = dim
-        self.out_channels = dim
-        self.hidden = hidden
-        self.model_channels = hidden
-        self.time_embed_dim = time_embed_dim
-        self.spatial_dims = 0
+        self.dim = self.in_channels = self.out_channels = dim
+        self.hidden = self.model_channels = hidden
+        self.time_embed_dim, self.spatial_dims = time_embed_dim, 0
         self.time_embed = nn.Sequential(
             nn.Linear(time_embed_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden)
         )

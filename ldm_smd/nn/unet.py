@@ -91,12 +91,9 @@ class UNetModel(nn.Module):
             raise ValueError(f"UNetModel: num_res_blocks must be >= 1, got {num_res_blocks}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"UNetModel: dropout must be in [0, 1), got {dropout}")
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.model_channels = model_channels
-        self.channel_mult = channel_mult
-        self.num_res_blocks = num_res_blocks
-        self.attention_resolutions = attention_resolutions
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.model_channels, self.channel_mult = model_channels, channel_mult
+        self.num_res_blocks, self.attention_resolutions = num_res_blocks, attention_resolutions
         self.spatial_dims = 2
 
         emb_dim = model_channels * 4
@@ -105,15 +102,9 @@ class UNetModel(nn.Module):
         )
 
         def res(ch: int, out: int, **kw) -> ResBlock:
-            return ResBlock(
-                channels=ch,
-                emb_channels=emb_dim,
-                dropout=dropout,
-                out_channels=out,
-                use_scale_shift_norm=use_scale_shift_norm,
-                norm_groups=norm_groups,
-                **kw,
-            )
+            return ResBlock(channels=ch, emb_channels=emb_dim, dropout=dropout, out_channels=out,
+                            use_scale_shift_norm=use_scale_shift_norm, norm_groups=norm_groups,
+                            **kw)
 
         def attn(ch: int) -> AttentionBlock:
             return AttentionBlock(

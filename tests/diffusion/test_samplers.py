@@ -192,7 +192,9 @@ def test_ddpm_with_all_steps_equals_hand_written_chain(param):
     x = torch.randn(5, 3, generator=g)
     for tv in reversed(range(12)):
         t = torch.full((5,), tv)
-        x0 = sch.to_x0(den(x, t, g), x, t, param)
+        a, s = sch.alphas_cumprod[tv].sqrt().item(), (1 - sch.alphas_cumprod[tv]).sqrt().item()
+        out = den(x, t, g)  # x_t = a x0 + s eps, v = a eps - s x0, written out by hand
+        x0 = {"eps": (x - s * out) / a, "x0": out, "v": a * x - s * out}[param]
         mean, var = sch.posterior_mean_variance(x0, x, t)
         x = mean + var.sqrt() * torch.randn(5, 3, generator=g) if tv > 0 else mean
     got = sample(

@@ -51,7 +51,9 @@ def test_invalid_kind_and_parameterization_name_the_value():
     s = NoiseSchedule(num_timesteps=10)
     x, t = torch.zeros(2, 3), torch.tensor([0, 1])
     with pytest.raises(ValueError, match=r"'epsilon'.*'eps', 'x0', 'v'"):
-        s.to_x0(x, x, t, "epsilon")
+        s.convert(x, x, t, source="epsilon", target="x0")
+    with pytest.raises(ValueError, match=r"'noise'.*'eps', 'x0', 'v'"):
+        s.convert(x, x, t, source="eps", target="noise")
 
 
 def test_q_sample_moments():
@@ -86,7 +88,7 @@ def test_conversions_round_trip_all_directions(kind):
             got = s.convert(truth[src], x_t, t, source=src, target=dst)
             torch.testing.assert_close(got, truth[dst], atol=1e-9, rtol=1e-9)
     # float32 tensors get float32 results
-    got32 = s.to_eps(truth["v"].float(), x_t.float(), t, "v")
+    got32 = s.convert(truth["v"].float(), x_t.float(), t, source="v", target="eps")
     assert got32.dtype == torch.float32
     torch.testing.assert_close(got32, noise.float(), atol=1e-4, rtol=1e-4)
 

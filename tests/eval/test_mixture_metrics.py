@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from ldm_smd.data.mixtures import GaussianMixture, build_mixture
+from ldm_smd.data.mixtures import GaussianMixture, ring_mixture
 from ldm_smd.diffusion.samplers import sample
 from ldm_smd.diffusion.schedule import NoiseSchedule
 from ldm_smd.eval.mixture_metrics import (
@@ -19,7 +19,7 @@ from ldm_smd.eval.mixture_metrics import (
     sliced_wasserstein_to_mixture,
 )
 
-RING = {"kind": "ring", "num_components": 8, "radius": 4.0, "std": 0.25}
+RING = {"num_components": 8, "radius": 4.0, "std": 0.25}
 
 
 def g(seed):
@@ -43,7 +43,7 @@ def test_precision_radius_holds_98_9_percent_of_mass(dim):
 
 
 def test_true_samples_score_as_the_truth():
-    mix = build_mixture({**RING, "weights": [1, 1, 1, 1, 2, 2, 2, 2]})
+    mix = ring_mixture(**RING, weights=[1, 1, 1, 1, 2, 2, 2, 2])
     x, _ = mix.sample(8000, generator=g(0))
     m = mixture_metrics(x, mix, seed=0)
     assert abs(m["precision"] - PRECISION_MASS) < 0.005
@@ -57,7 +57,7 @@ def test_true_samples_score_as_the_truth():
 
 
 def test_collapse_and_missing_modes_are_caught():
-    mix = build_mixture(RING)
+    mix = ring_mixture(**RING)
     collapsed = mix.means[torch.arange(4000) % 4]  # half the modes, no spread
     m = mixture_metrics(collapsed, mix, seed=0)
     assert m["precision"] == 1.0
@@ -73,7 +73,7 @@ def test_collapse_and_missing_modes_are_caught():
 
 
 def test_sliced_wasserstein_to_the_mixture_floor_and_shift():
-    mix = build_mixture({"kind": "explicit", "means": [[0.0, 0.0, 0.0]], "std": 1.0})
+    mix = GaussianMixture(means=[[0.0, 0.0, 0.0]], stds=1.0)
     x, _ = mix.sample(20000, generator=g(1))
     floor = sliced_wasserstein_to_mixture(x, mix, num_projections=64, seed=2)
     assert floor < 0.03  # a true sample: only its own sampling noise
@@ -94,7 +94,7 @@ def test_excess_sw_removed():
 
 
 def test_exact_posterior_sampler_reproduces_the_mixture_at_t5():
-    mix = build_mixture(RING)
+    mix = ring_mixture(**RING)
     betas = NoiseSchedule(kind="cosine", num_timesteps=5).betas
     x = exact_posterior_sample(mix, betas, 6000, generator=g(3))
     m = mixture_metrics(x, mix, seed=3)
@@ -113,7 +113,7 @@ def test_exact_posterior_one_component_1d_is_exact():
 
 
 def test_best_gaussian_is_the_ddpm_sampler_with_a_perfect_denoiser():
-    mix = build_mixture(RING)
+    mix = ring_mixture(**RING)
     sched = NoiseSchedule(kind="cosine", num_timesteps=5)
     x_T = torch.randn(300, 2, generator=g(5), dtype=torch.float64)
     ref = best_gaussian_sample(mix, sched.betas, 300, generator=g(6), x_T=x_T)
@@ -124,7 +124,7 @@ def test_best_gaussian_is_the_ddpm_sampler_with_a_perfect_denoiser():
 
 
 def test_best_gaussian_falls_short_of_exact_at_few_steps():
-    mix = build_mixture(RING)
+    mix = ring_mixture(**RING)
     betas = NoiseSchedule(kind="cosine", num_timesteps=2).betas
     best = mixture_metrics(best_gaussian_sample(mix, betas, 3000, generator=g(7)), mix, seed=7)
     exact = mixture_metrics(exact_posterior_sample(mix, betas, 3000, generator=g(7)), mix, seed=7)

@@ -7,11 +7,20 @@ import pytest
 import torch
 from scipy import stats
 
-from ldm_smd.data.mixtures import GaussianMixture, build_mixture, image_prototypes
+from ldm_smd.config import ConfigError, instantiate, validate_spec
+from ldm_smd.data.mixtures import (
+    GaussianMixture,
+    grid_mixture,
+    image_mixture,
+    image_prototypes,
+    random_mixture,
+    ring_mixture,
+)
 
 
 def test_ring_means_on_circle_and_equal_weights():
-    mix = build_mixture({"kind": "ring", "num_components": 8, "radius": 2.0, "std": 0.1})
+    mix = instantiate({"target": "ldm_smd.data.mixtures.ring_mixture",
+                       "params": {"num_components": 8, "radius": 2.0, "std": 0.1}})
     assert mix.means.shape == (8, 2)
     torch.testing.assert_close(mix.means.norm(dim=1), torch.full((8,), 2.0, dtype=torch.float64))
     torch.testing.assert_close(mix.means[2], torch.tensor([0.0, 2.0], dtype=torch.float64))
@@ -20,7 +29,7 @@ def test_ring_means_on_circle_and_equal_weights():
 
 
 def test_grid_means_centered_and_spaced():
-    mix = build_mixture({"kind": "grid", "side": 5, "spacing": 2.0, "std": 0.2})
+    mix = grid_mixture(side=5, spacing=2.0, std=0.2)
     assert mix.num_components == 25
     xs = sorted(set(mix.means[:, 0].tolist()))
     assert xs == [-4.0, -2.0, 0.0, 2.0, 4.0]
@@ -28,9 +37,10 @@ def test_grid_means_centered_and_spaced():
 
 
 def test_random_prototypes_seeded_and_weights_normalised():
-    spec = {"kind": "random", "num_components": 6, "dim": 32, "scale": 1.0, "seed": 3,
-            "std": 0.5, "weights": [1, 1, 2, 2, 3, 3]}
-    a, b = build_mixture(spec), build_mixture(spec)
+    spec = {"num_components": 6, "dim": 32, "scale": 1.0, "seed": 3, "std": 0.5,
+            "weights": [1, 1, 2, 2, 3, 3]}
+    a, b = random_mixture(**spec), random_mixture(**spec)
+    assert not torch.equal(a.means, random_mixture(**{**spec, "seed": 4}).means)
     assert a.means.shape == (6, 32)
     torch.testing.assert_close(a.means, b.means)
     torch.testing.assert_close(a.weights, torch.tensor([1, 1, 2, 2, 3, 3.0],
@@ -42,8 +52,8 @@ def test_images_prototypes_distinct_and_in_range():
     assert protos.shape == (12, 256)
     assert protos.min() >= -1 and protos.max() <= 1
     assert torch.cdist(protos, protos).add(torch.eye(12) * 1e9).min() > 1.0
-    mix = build_mixture({"kind": "images", "num_components": 4, "image_size": 32,
-                         "channels": 3, "std": 0.1})
+    mix = image_mixture(num_components=4, image_size=32, channels=3, std=0.1)
+    assert mix.image_shape == (3, 32, 32) and mix.dim == 3 * 32 * 32
     x, _ = mix.sample(5, generator=torch.Generator().manual_seed(0))
     assert mix.to_images(x).shape == (5, 3, 32, 32)
 
@@ -81,9 +91,12 @@ def test_log_density_two_components_matches_explicit_sum():
 
 
 def test_bad_specs_are_named():
-    with pytest.raises(ValueError, match="unknown keys"):
-        build_mixture({"kind": "ring", "num_components": 8, "radiuss": 1.0})
-    with pytest.raises(ValueError, match="kind 'spiral' unknown"):
-        build_mixture({"kind": "spiral"})
+    with pytest.raises(ConfigError, match=r"mix\.params\.radiuss: unknown parameter"):
+        validate_spec({"target": "ldm_smd.data.mixtures.ring_mixture",
+                       "params": {"num_components": 8, "radiuss": 1.0}}, key="mix")
+    with pytest.raises(ConfigError, match="has no 'spiral_mixture'"):
+        validate_spec({"target": "ldm_smd.data.mixtures.spiral_mixture"}, key="mix")
+    with pytest.raises(ValueError, match="stds must be 8 positive"):
+        ring_mixture(num_components=8, std=[0.1, 0.2])
     with pytest.raises(ValueError, match="weights"):
         GaussianMixture(means=[[0.0], [1.0]], weights=[1.0])

@@ -1,0 +1,98 @@
+"""Rows, the markdown table and the goal lines of ``scripts/benchmark.py`` (one job: report).
+
+Pure functions over the timed cases (objects with ``name``, ``width``, ``params``,
+``eta_samples`` and the lists ``train_ms``, ``sample_ms``, ``train_cpu_ms``, ``sample_cpu_ms``)
+and the memory figures; nothing here times or builds anything.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+
+def make_rows(states: list, memory: dict[tuple[str, int], dict]) -> list[dict]:
+    """One JSON row per case, with medians and ratios against the same width's vanilla."""
+    rows = []
+    base = {s.width: s for s in states if s.name == "vanilla"}
+    for s in states:
+        row: dict[str, object] = {
+            "name": f"{s.name}@w{s.width}", "case": s.name, "width": s.width,
+            "params": s.params, "train_step_ms": statistics.median(s.train_ms),
+            "sample_step_ms": statistics.median(s.sample_ms),
+            "peak_mem_mb": None, "eta_samples": s.eta_samples,
+            "train_step_ms_per_eta": statistics.median(s.train_ms) / s.eta_samples,
+            "train_step_ms_all": [round(v, 2) for v in s.train_ms],
+            "sample_step_ms_all": [round(v, 2) for v in s.sample_ms],
+            "train_step_cpu_ms": statistics.median(s.train_cpu_ms),
+            "sample_step_cpu_ms": statistics.median(s.sample_cpu_ms),
+        }
+        row.update(memory.get((s.name, s.width), {}))
+        van = base.get(s.width)
+        if van is not None:
+            row["train_ratio_vs_vanilla"] = row["train_step_ms"] / statistics.median(van.train_ms)
+            row["train_ratio_per_eta_vs_vanilla"] = (
+                row["train_step_ms_per_eta"] / statistics.median(van.train_ms))
+            row["sample_ratio_vs_vanilla"] = (
+                row["sample_step_ms"] / statistics.median(van.sample_ms))
+            row["train_cpu_ratio_vs_vanilla"] = (
+                row["train_step_cpu_ms"] / statistics.median(van.train_cpu_ms))
+            row["sample_cpu_ratio_vs_vanilla"] = (
+                row["sample_step_cpu_ms"] / statistics.median(van.sample_cpu_ms))
+        rows.append(row)
+    return rows
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The rows as a markdown table (wall-clock medians; CPU-time ratios beside them)."""
+    lines = ["| case | width | params | train step ms | train / vanilla (cpu) | sample step ms | "
+             "sample / vanilla (cpu) | peak RSS MB | train adds MB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        train = _fmt(r["train_step_ms"], ".1f")
+        ratio = (f"{_fmt(r.get('train_ratio_vs_vanilla'), '.3f')} "
+                 f"({_fmt(r.get('train_cpu_ratio_vs_vanilla'), '.3f')})")
+        if r["eta_samples"] > 1:
+            train += f" ({r['train_step_ms_per_eta']:.1f} per eta)"
+            ratio += f"; per eta {r.get('train_ratio_per_eta_vs_vanilla', 0):.3f}"
+        sample = (f"{_fmt(r.get('sample_ratio_vs_vanilla'), '.3f')} "
+                  f"({_fmt(r.get('sample_cpu_ratio_vs_vanilla'), '.3f')})")
+        lines.append(
+            f"| {r['case']} | {r['width']} | {r['params']:,} | {train} | {ratio} | "
+            f"{_fmt(r['sample_step_ms'], '.1f')} | {sample} | {_fmt(r['peak_mem_mb'], '.0f')} | "
+            f"{_fmt(r.get('train_mem_mb'), '.0f')} |")
+    return "\n".join(lines)
+
+
+def goals(rows: list[dict]) -> list[str]:
+    """Lines stating each goal and whether this run met it, on wall-clock and on CPU time."""
+    out = []
+    by = {(r["case"], r["width"]): r for r in rows}
+
+    def ratio(a: dict, b: dict, key: str) -> str:
+        wall, cpu = a[key + "_ms"] / b[key + "_ms"], a[key + "_cpu_ms"] / b[key + "_cpu_ms"]
+        return f"{wall:.3f}x (cpu {cpu:.3f}x)"
+
+    for width in sorted({r["width"] for r in rows}):
+        van, smd = by.get(("vanilla", width)), by.get(("smd_paper", width))
+        if van and smd:
+            worst = max(smd["train_step_ms"] / van["train_step_ms"],
+                        smd["sample_step_ms"] / van["sample_step_ms"])
+            out.append(f"w{width}: SMD/vanilla train {ratio(smd, van, 'train_step')}, sample "
+                       f"{ratio(smd, van, 'sample_step')} (goal <= 1.10x, wall): "
+                       f"{'MET' if worst <= 1.10 else 'MISSED'}")
+        ref = by.get(("smd_reference_dxd", width))
+        if smd and ref:
+            out.append(f"w{width}: reference d x d form / our O(d) SMD: train "
+                       f"{ratio(ref, smd, 'train_step')}, sample {ratio(ref, smd, 'sample_step')}")
+        dif = by.get(("diffusers_unet2d", width))
+        if van and dif:
+            speed = dif["train_step_ms"] / van["train_step_ms"]
+            out.append(f"w{width}: params ours {van['params']:,} vs UNet2DModel {dif['params']:,}"
+                       f"; UNet2DModel / ours train {ratio(dif, van, 'train_step')} (goal >= 1.2x,"
+                       f" wall): {'MET' if speed >= 1.2 else 'MISSED'}; sample "
+                       f"{ratio(dif, van, 'sample_step')}")
+    return out

@@ -1,0 +1,108 @@
+"""The mixture benchmark end to end on the shipped ring8 config, shrunk by overrides: every run is
+an ordinary stage-2 run (its config loads as one, its checkpoint reloads and samples the same)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ldm_smd import rng
+from ldm_smd.bench.runner import SAMPLE_STREAM, run_mixture_benchmark
+from ldm_smd.config import ConfigError, instantiate, load_config
+from ldm_smd.eval.mixture_metrics import mixture_metrics
+from ldm_smd.eval.mixture_report import tabulate_results
+from ldm_smd.sample import load_diffusion_checkpoint
+
+ROOT = Path(__file__).resolve().parents[2]
+RING8 = ROOT / "configs" / "mixture" / "ring8.yaml"
+SMD = ("smd_paper", "smd_mixture")
+TINY = [
+    "model.params.network.params.hidden=16",
+    "model.params.network.params.depth=1",
+    "model.params.network.params.time_embed_dim=8",
+    "data.params.mixture.params.num_components=4",
+    *[f"bench.methods.{m}.network.params.latent_dim=4" for m in SMD],
+    "bench.methods.smd_mixture.objective.params.num_eta_samples=2",
+    "bench.num_samples=512",
+]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    result = run_mixture_benchmark(RING8, out_dir=out, overrides=TINY, quick=True,
+                                   T_list=[2], seeds=[0, 1], progress=False)
+    return out, result
+
+
+def test_quick_run_writes_tables_json_and_plots(quick_run):
+    out, result = quick_run
+    for key in ("table", "json", "scatter", "metrics_plot"):
+        assert Path(result["files"][key]).is_file()
+    table = (out / "results.md").read_text()
+    for method in ("vanilla", *SMD, "exact_posterior", "best_gaussian"):
+        assert f"| 2 | {method} |" in table
+    data = json.loads((out / "results.json").read_text())
+    assert data["T_list"] == [2] and data["seeds"] == [0, 1]
+    assert len(data["runs"]) == 5 * 2
+    trained = [r for r in data["runs"] if r["method"] not in ("exact_posterior", "best_gaussian")]
+    assert all(r["steps"] == 20 and r["diverged_at"] is None for r in trained)
+    assert all(np.isfinite(r["final_loss"]) and r["ms_per_step"] > 0 for r in trained)
+    # the known truth at T = 2 (no training involved): the exact posterior lands on the modes,
+    # the best Gaussian denoiser collapses between them
+    summary = data["summary"]
+    assert summary["exact_posterior"]["2"]["precision"][0] > 0.9
+    assert summary["best_gaussian"]["2"]["precision"][0] < 0.5
+    assert tabulate_results(out / "results.json") == result["table"]
+    # from the log of a stopped run: the same rows (in the order the runs finished)
+    lines = sorted(tabulate_results(out / "runs.jsonl").splitlines())
+    assert lines == sorted(result["table"].splitlines())
+
+
+def test_the_table_scores_the_saved_samples(quick_run):
+    out, result = quick_run
+    mixture = instantiate(result["config"]["data"]["params"]["mixture"])
+    for run in result["runs"]:
+        if run["seed"] != 0:
+            continue
+        x = np.load(out / "samples" / f"{run['method']}_T2_seed0.npz")["samples"]
+        again = mixture_metrics(torch.from_numpy(x).double(), mixture, seed=0,
+                                num_projections=32)
+        assert again["precision"] == pytest.approx(run["precision"])
+        assert again["sw"] == pytest.approx(run["sw"], rel=1e-4)
+
+
+@pytest.mark.parametrize("method", ["vanilla", "smd_mixture"])
+def test_each_run_is_an_ordinary_stage2_run(quick_run, method):
+    out, _ = quick_run
+    run_dir = out / "runs" / f"{method}_T2_seed1"
+    config = load_config(run_dir / "config.yaml")
+    assert "bench" not in config and config["seed"] == 1
+    assert config["model"]["params"]["schedule"]["params"]["num_timesteps"] == 2
+    model = load_diffusion_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    is_smd = type(model.model.diffusion_model).__name__ == "SMDNetwork"
+    assert is_smd == (method != "vanilla")
+    # sampling the reloaded checkpoint as the benchmark did gives the samples it scored
+    x = model.sample_latents(512, generator=rng.generator(1, SAMPLE_STREAM, 2))
+    runs = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
+    scored = next(r for r in runs if (r["method"], r["seed"]) == (method, 1))
+    mixture = instantiate(config["data"]["params"]["mixture"])
+    again = mixture_metrics(x, mixture, seed=1, num_projections=32)
+    assert again["precision"] == pytest.approx(scored["precision"])
+    assert again["sw"] == pytest.approx(scored["sw"], rel=1e-4)
+
+
+def test_errors_name_the_key_before_any_work(tmp_path):
+    out = tmp_path / "never"
+    with pytest.raises(ConfigError, match=r"bench\.methods\.smd_paper: .*latnet_dim"):
+        run_mixture_benchmark(RING8, out_dir=out, overrides=[
+            "bench.methods.smd_paper.network.params.latnet_dim=4"], quick=True)
+    with pytest.raises(ConfigError, match="not in bench.methods"):
+        run_mixture_benchmark(RING8, out_dir=out, methods=["smd"], quick=True)
+    with pytest.raises(ConfigError, match=r"bench\.quick: trainer\.max_stepz"):
+        run_mixture_benchmark(RING8, out_dir=out, overrides=["bench.quick=[trainer.max_stepz=3]"])
+    assert not out.exists()
