@@ -10,8 +10,11 @@ num_res_blocks 2, attention at 16x16, one head; the same backbone in every case)
 - ``vanilla``: our UNetModel, objective ``vanilla``;
 - ``smd_paper``: SMDNetwork (latent_dim 100, 2 hypernetwork layers, tanh bound), ``smd_paper``;
 - ``smd_paper_unbounded``: the same with ``hypernet_bound: none`` (the reference form);
-- ``smd_mixture_M4``: ``smd_mixture`` with 4 eta samples (the network sees 4x the rows); its
-  train time is also reported per eta sample;
+- ``smd_energy_M4`` / ``smd_energy_M8``: the default SMD, ``smd_energy`` with 4 / 8 eta draws
+  and placement ``output`` (one hypernetwork before the output convolution): the draws share one
+  backbone pass, only ``g``, the hypernetwork and the output convolution run once per draw;
+- ``smd_mixture_M4``: ``smd_mixture`` with 4 eta samples at the reference placement (the network
+  sees 4x the rows); its train time is also reported per eta sample;
 - ``smd_reference_dxd``: the reference implementation's cost model, a hypernetwork that builds
   the d x d matrix ``M_l = v_l v_l^T + softplus(s_l) I`` at every pixel and multiplies by it
   (:class:`DenseHypernetwork`, same function as ours, unbounded form), ``smd_paper``;

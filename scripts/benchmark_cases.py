@@ -19,8 +19,8 @@ from ldm_smd.diffusion.schedule import NoiseSchedule
 from ldm_smd.nn.smd import Hypernetwork, SMDNetwork
 from ldm_smd.nn.unet import UNetModel
 
-CASE_NAMES = ("vanilla", "smd_paper", "smd_paper_unbounded", "smd_mixture_M4",
-              "smd_reference_dxd", "diffusers_unet2d")
+CASE_NAMES = ("vanilla", "smd_paper", "smd_paper_unbounded", "smd_energy_M4", "smd_energy_M8",
+              "smd_mixture_M4", "smd_reference_dxd", "diffusers_unet2d")
 CHANNEL_MULT = (1, 2, 2, 2)
 NUM_RES_BLOCKS = 2
 ATTENTION_RESOLUTIONS = (2,)  # downsampling factor 2: 16x16 for 32x32 inputs
@@ -132,9 +132,10 @@ def build_network(name: str, width: int, image_size: int = 32) -> nn.Module:
                      attention_resolutions=ATTENTION_RESOLUTIONS, norm_groups=32)
     if name == "vanilla":
         return unet
-    bound = "tanh" if name in ("smd_paper", "smd_mixture_M4") else "none"
+    bound = "none" if name in ("smd_paper_unbounded", "smd_reference_dxd") else "tanh"
+    placement = "output" if name.startswith("smd_energy") else "input_output"
     net = SMDNetwork(backbone=unet, latent_dim=LATENT_DIM, hypernet_layers=HYPERNET_LAYERS,
-                     hypernet_bound=bound)
+                     hypernet_bound=bound, placement=placement)
     return make_dense(net) if name == "smd_reference_dxd" else net
 
 
@@ -142,6 +143,9 @@ def objective_for(name: str):
     """(objective, eta samples per example) of case ``name``."""
     if name == "smd_mixture_M4":
         return build_objective("smd_mixture", num_eta_samples=MIXTURE_M), MIXTURE_M
+    if name.startswith("smd_energy_M"):
+        m = int(name.rsplit("M", 1)[1])
+        return build_objective("smd_energy", num_eta_samples=m), m
     if name in ("vanilla", "diffusers_unet2d"):
         return build_objective("vanilla"), 1
     return build_objective("smd_paper"), 1

@@ -57,10 +57,17 @@ def sample_scatter(
     path: str | os.PathLike,
     *,
     max_points: int = 2000,
+    transpose: bool = False,
+    titles: Mapping[str, str] | None = None,
 ) -> str:
-    """Grid of panels, rows = methods, columns = T: samples (first 2 coordinates, or the means'
-    principal plane for D > 2, or a picture mosaic for image mixtures) over the true means."""
+    """Grid of panels, rows = methods, columns = T (``transpose``: rows = T, columns = methods,
+    so methods stand side by side): samples (first 2 coordinates, or the means' principal plane
+    for D > 2, or a picture mosaic for image mixtures) over the true means. ``titles`` names a
+    method's panels (default: the method's name)."""
+    titles = dict(titles or {})
     rows, cols = len(methods), len(T_list)
+    if transpose:
+        rows, cols = cols, rows
     fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.4 * rows), squeeze=False)
     proj = None if mixture.image_shape is not None else _projection(mixture)
     if proj is not None:
@@ -68,7 +75,7 @@ def sample_scatter(
         spread = np.abs(means2).max() + 4 * float(mixture.stds.max())
     for i, method in enumerate(methods):
         for j, T in enumerate(T_list):
-            ax = axes[i][j]
+            ax = axes[j][i] if transpose else axes[i][j]
             x = samples.get((method, T))
             if x is not None:
                 x = np.asarray(x, dtype=np.float64)
@@ -84,10 +91,17 @@ def sample_scatter(
                     ax.set_aspect("equal")
             ax.set_xticks([])
             ax.set_yticks([])
-            if i == 0:
-                ax.set_title(f"T = {T}", fontsize=9)
-            if j == 0:
-                ax.set_ylabel(method, fontsize=9)
+            name = titles.get(method, method)
+            if transpose:
+                if j == 0:
+                    ax.set_title(name, fontsize=9)
+                if i == 0:
+                    ax.set_ylabel(f"T = {T}", fontsize=9)
+            else:
+                if i == 0:
+                    ax.set_title(f"T = {T}", fontsize=9)
+                if j == 0:
+                    ax.set_ylabel(name, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
