@@ -66,10 +66,13 @@ class LatentGenerator(nn.Module):
         latent_dim: channels / width ``d`` of ``z``.
         width: base width of the generator.
         spatial: image (NCHW) generator if True, vector generator if False.
+        global_context: images only: add to every position's ``z`` a linear map of the mean of
+            the half-resolution features, so each position sees all of ``eta`` (the reference
+            generator's receptive field is local: about 17 pixels).
     """
 
     def __init__(self, *, in_channels: int, latent_dim: int = 100, width: int = 16,
-                 spatial: bool = True):
+                 spatial: bool = True, global_context: bool = False):
         super().__init__()
         if width < 1 or latent_dim < 1 or in_channels < 1:
             raise ValueError(
@@ -89,6 +92,7 @@ class LatentGenerator(nn.Module):
             self.enc1 = ResBlock(channels=width, out_channels=2 * width, **kw)
             self.norm_out = normalization(3 * width, 8)
             self.conv_out = nn.Conv2d(3 * width, latent_dim, 1)
+            self.global_proj = nn.Linear(2 * width, latent_dim) if global_context else None
         else:
             self.inp = nn.Linear(2 * in_channels, width)
             self.hidden = nn.Linear(width, width)
@@ -109,7 +113,10 @@ class LatentGenerator(nn.Module):
         h = F.silu(F.group_norm(torch.cat([h1, h0], dim=1), n.num_groups, n.weight, n.bias, n.eps))
         # The 1x1 head as a batched matmul (faster than a 1x1 convolution on CPU).
         w = self.conv_out.weight
-        z = torch.baddbmm(self.conv_out.bias[None, :, None], w.view(w.shape[0], -1).expand(
+        bias = self.conv_out.bias[None, :, None]
+        if self.global_proj is not None:
+            bias = bias + self.global_proj(F.silu(h1.mean(dim=(2, 3))))[:, :, None]
+        z = torch.baddbmm(bias.expand(h.shape[0], -1, -1), w.view(w.shape[0], -1).expand(
             h.shape[0], -1, -1), h.flatten(2))
         return z.view(h.shape[0], -1, *h.shape[-2:])
 
@@ -139,6 +146,7 @@ class SMDNetwork(nn.Module):
             site before the output layer; the eta draws of a call share one backbone pass).
         hypernet_bound: ``"tanh"`` (bounded, default) or ``"none"`` (reference, unbounded).
         hypernet_init: ``"default"`` (the authors') or ``"zero"`` (identity at initialisation).
+        generator_global_context: images: give ``g`` a global path (see :class:`LatentGenerator`).
     """
 
     def __init__(
@@ -151,6 +159,7 @@ class SMDNetwork(nn.Module):
         placement: str = "input_output",
         hypernet_bound: str = "tanh",
         hypernet_init: str = "default",
+        generator_global_context: bool = False,
     ):
         super().__init__()
         if placement not in PLACEMENTS:
@@ -204,6 +213,7 @@ class SMDNetwork(nn.Module):
             latent_dim=latent_dim,
             width=width,
             spatial=backbone.spatial_dims == 2,
+            global_context=generator_global_context and backbone.spatial_dims == 2,
         )
         self.hypernets = nn.ModuleDict(
             {

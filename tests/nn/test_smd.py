@@ -310,3 +310,29 @@ def test_output_placement_runs_the_backbone_once_for_all_draws():
     assert calls == [X.shape[0], 4 * X.shape[0]]
     with pytest.raises(ValueError, match="num_eta_samples"):
         net(X, T, num_eta_samples=0)
+
+
+def test_global_context_adds_one_eta_dependent_vector_at_every_position():
+    """generator_global_context: z gains, at every position alike, a map of the mean of the
+    half-resolution features, so a change of eta anywhere moves z everywhere by content."""
+    x = torch.randn(2, 2, 16, 16, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([5, 9])
+    torch.manual_seed(0)
+    gen = LatentGenerator(in_channels=2, latent_dim=4, width=8, global_context=True)
+    assert LatentGenerator(in_channels=2, latent_dim=4, width=8).global_proj is None
+    deltas = []
+    for seed in (1, 2):
+        eta = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            z = gen(eta, x, t)
+            saved = [p.clone() for p in gen.global_proj.parameters()]
+            for p in gen.global_proj.parameters():
+                p.zero_()
+            local = gen(eta, x, t)
+            for p, v in zip(gen.global_proj.parameters(), saved, strict=True):
+                p.copy_(v)
+        delta = z - local
+        assert delta.abs().max() > 1e-3
+        torch.testing.assert_close(delta, delta[..., :1, :1].expand_as(delta))  # one per channel
+        deltas.append(delta[..., 0, 0])
+    assert not torch.allclose(deltas[0], deltas[1])  # it depends on eta
