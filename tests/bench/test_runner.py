@@ -19,14 +19,14 @@ from ldm_smd.sample import load_diffusion_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 RING8 = ROOT / "configs" / "mixture" / "ring8.yaml"
-SMD = ("smd_paper", "smd_mixture")
+SMD = ("smd_paper", "smd_energy")
 TINY = [
     "model.params.network.params.hidden=16",
     "model.params.network.params.depth=1",
     "model.params.network.params.time_embed_dim=8",
     "data.params.mixture.params.num_components=4",
     *[f"bench.methods.{m}.network.params.latent_dim=4" for m in SMD],
-    "bench.methods.smd_mixture.objective.params.num_eta_samples=2",
+    "bench.methods.smd_energy.objective.params.num_eta_samples=2",
     "bench.num_samples=512",
 ]
 
@@ -76,7 +76,7 @@ def test_the_table_scores_the_saved_samples(quick_run):
         assert again["sw"] == pytest.approx(run["sw"], rel=1e-4)
 
 
-@pytest.mark.parametrize("method", ["vanilla", "smd_mixture"])
+@pytest.mark.parametrize("method", ["vanilla", "smd_energy"])
 def test_each_run_is_an_ordinary_stage2_run(quick_run, method):
     out, _ = quick_run
     run_dir = out / "runs" / f"{method}_T2_seed1"

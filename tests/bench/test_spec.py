@@ -55,7 +55,7 @@ def test_method_overrides_follow_the_base_backbone():
     ("bench.T_list=[1, 2]", "T must be at least 2"),
     ("bench.methods={}", "at least one method"),
     ("bench.seeds=[a]", r"bench\.seeds: expected list\[int\]"),
-    ("bench.methods.smd_mixture.network=${model.params.network}",
+    ("bench.methods.smd_energy.network=${model.params.network}",
      "needs an SMD network"),
     ("bench.methods.vanilla.objective={target: ldm_smd.diffusion.objectives.EnergyObjective}",
      r"bench\.methods\.vanilla: .*EnergyObjective .*needs an SMD network"),
