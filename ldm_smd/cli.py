@@ -128,7 +128,8 @@ def _cmd_bench_mixture(args: argparse.Namespace) -> None:
     check_writable(out, what="--out", folder=True)
     result = run_mixture_benchmark(
         args.config, out_dir=out, overrides=args.overrides, quick=args.quick, seeds=args.seeds,
-        T_list=args.T, workers=args.workers, methods=args.methods,
+        T_list=args.T, workers=args.workers, methods=args.methods, resume=args.resume,
+        overwrite=args.overwrite,
     )
     print(result.get("table", ""))
     print(f"[ldm-smd] mixture benchmark written to {out}")
@@ -253,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(
         sub, "bench-mixture", "Gaussian-mixture benchmark with known truth",
         "ldm-smd bench-mixture --config configs/mixture/ring8.yaml --quick",
+        "An --out folder that already holds a benchmark is refused: continue it with --resume,\n"
+        "start it over with --overwrite, or give another --out.",
     )
     p.add_argument("--config", required=True, metavar="FILE",
                    help="benchmark config (configs/mixture/*.yaml)")
@@ -267,6 +270,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="parallel training processes (default: the config's bench.workers)")
     p.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
                    help="run a subset of the config's bench.methods (default: all)")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue the benchmark in --out: keep each finished run whose "
+                            "saved config is this one's, run the rest")
+    again.add_argument("--overwrite", action="store_true",
+                       help="delete the benchmark in --out (runs.jsonl, results.*, the plots, "
+                            "samples/, runs/), then run anew")
     p.add_argument("overrides", nargs="*", metavar="KEY.PATH=VALUE",
                    help="config overrides, applied to the base config before the methods")
     p.set_defaults(func=_cmd_bench_mixture)

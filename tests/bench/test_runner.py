@@ -13,6 +13,7 @@ import torch
 from ldm_smd import rng
 from ldm_smd.bench.runner import SAMPLE_STREAM, run_mixture_benchmark
 from ldm_smd.config import ConfigError, instantiate, load_config
+from ldm_smd.errors import OutputError
 from ldm_smd.eval.mixture_metrics import mixture_metrics
 from ldm_smd.eval.mixture_report import tabulate_results
 from ldm_smd.sample import load_diffusion_checkpoint
@@ -106,3 +107,35 @@ def test_errors_name_the_key_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match=r"bench\.quick: trainer\.max_stepz"):
         run_mixture_benchmark(RING8, out_dir=out, overrides=["bench.quick=[trainer.max_stepz=3]"])
     assert not out.exists()
+
+
+def test_a_second_command_on_the_same_folder_loses_nothing(tmp_path):
+    out = tmp_path / "bench"
+    kw = dict(out_dir=out, overrides=TINY, quick=True, T_list=[2], seeds=[0],
+              methods=["vanilla"], progress=False)
+    first = run_mixture_benchmark(RING8, **kw)
+    ckpt = out / "runs" / "vanilla_T2_seed0" / "checkpoints" / "last.ckpt"
+    stamp = ckpt.stat().st_mtime_ns
+    (out / "my_notes.txt").write_text("mine")
+    # the same command again: refused, and nothing touched
+    with pytest.raises(OutputError, match=r"already holds a benchmark .*--resume.*--overwrite"):
+        run_mixture_benchmark(RING8, **kw)
+    assert ckpt.stat().st_mtime_ns == stamp
+    assert (out / "runs.jsonl").read_text().count("\n") == 3
+    # --resume keeps the finished run (not trained again) and gives the same table
+    again = run_mixture_benchmark(RING8, **kw, resume=True)
+    assert ckpt.stat().st_mtime_ns == stamp
+    assert again["table"] == first["table"]
+    trained = [r for r in again["runs"] if r["method"] == "vanilla"]
+    assert trained[0]["train_s"] == first["runs"][0]["train_s"]
+    # a run whose config changed is trained again; --resume adds a seed without redoing seed 0
+    more = run_mixture_benchmark(RING8, **{**kw, "seeds": [0, 1]}, resume=True)
+    assert ckpt.stat().st_mtime_ns == stamp and len(more["runs"]) == 6
+    changed = run_mixture_benchmark(RING8, **{**kw, "overrides": [*TINY, "trainer.max_steps=7"]},
+                                    resume=True)
+    assert ckpt.stat().st_mtime_ns != stamp
+    assert [r["steps"] for r in changed["runs"] if r["method"] == "vanilla"] == [7]
+    # --overwrite removes the benchmark's own files only
+    run_mixture_benchmark(RING8, **kw, overwrite=True)
+    assert not (out / "runs" / "vanilla_T2_seed1").exists()
+    assert (out / "my_notes.txt").read_text() == "mine"
