@@ -105,11 +105,10 @@ def check_steps(steps: int | None, num_timesteps: int, *, source: str) -> None:
 
 
 def default_steps_error(model: Any, *, source: str) -> str | None:
-    """Why the model's own default sampler steps (``model.params.sampler.steps``) cannot run on
-    its schedule, or ``None`` when they can (or the model has no such defaults)."""
-    defaults = getattr(model, "sampler_defaults", None)
+    """Why the model's own default sampler steps (``model.params.sampler.params.steps``) cannot
+    run on its schedule, or ``None`` when they can (or the model sets none)."""
     schedule = getattr(model, "schedule", None)
-    steps = (defaults or {}).get("steps")
+    steps = getattr(getattr(model, "sampler", None), "steps", None)
     if steps is None or schedule is None or int(steps) <= schedule.num_timesteps:
         return None
     return (f"{source}: model.params.sampler.steps={steps} is more than the schedule's "
@@ -202,6 +201,10 @@ def sample_to_dir(
     check_steps(steps, model.schedule.num_timesteps, source=str(ckpt_path))
     if steps is None and (reason := default_steps_error(model, source=str(ckpt_path))):
         raise UsageError(f"{reason}: give --steps 1..{model.schedule.num_timesteps}")
+    kind = sampler or model.sampler.kind
+    if ddim_eta is not None and kind != "ddim":
+        raise UsageError(f"--ddim-eta {ddim_eta} applies to the DDIM sampler only, and this run "
+                         f"samples with {kind!r}: add --sampler ddim, or leave --ddim-eta out")
     if to_remove:
         _remove(to_remove, out_dir)
     start = time.perf_counter()

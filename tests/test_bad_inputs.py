@@ -387,6 +387,7 @@ def test_corrupt_image_is_named(tmp_path, capsys):
     (["--steps", "0"], ["argument --steps", "at least 1"]),
     (["--batch-size", "0"], ["argument --batch-size", "at least 1"]),
     (["--ddim-eta", "-1"], ["argument --ddim-eta", ">= 0"]),
+    (["--ddim-eta", "0.5"], ["--ddim-eta 0.5", "DDIM sampler only", "--sampler ddim"]),
     (["--steps", "11"], ["--steps 11", "T=10"]),
     (["--device", "toaster"], ["--device 'toaster'", "not a torch device"]),
 ])
@@ -645,4 +646,16 @@ def test_sample_to_dir_checks_its_arguments_too(tmp_path, stage2):
                           ({"sampler": "euler"}, "--sampler 'euler'")):
         with pytest.raises(UsageError, match=match):
             sample_to_dir(stage2, tmp_path / "s", progress=False, **kwargs)
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_models_own_steps_above_its_T_are_named(tmp_path, stage2):
+    from ldm_smd.errors import UsageError
+    from ldm_smd.sample import load_diffusion_checkpoint, sample_to_dir
+
+    model = load_diffusion_checkpoint(stage2)
+    T = model.schedule.num_timesteps
+    model.sampler = model.sampler.replace(steps=T + 5)
+    with pytest.raises(UsageError, match=rf"sampler\.steps={T + 5} .* give --steps 1\.\.{T}"):
+        sample_to_dir(stage2, tmp_path / "s", progress=False, model=model)
     assert not (tmp_path / "s").exists()
