@@ -98,27 +98,33 @@ class LatentGenerator(nn.Module):
             self.hidden = nn.Linear(width, width)
             self.out = nn.Linear(width, latent_dim)
 
-    def forward(self, eta: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Return ``z`` of shape (B, latent_dim, H, W) or (B, latent_dim)."""
+    def head(self, eta: torch.Tensor, x_t: torch.Tensor,
+             t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(h, weight, bias)`` with ``z = weight h + bias`` at every position: the features
+        before the linear head, (B, F, H, W) or (B, F), its weight (latent_dim, F) and its bias
+        (B, latent_dim) (per row: the global path adds to it). :class:`SMDNetwork` folds the
+        head into the hypernetworks' ``W`` (one F -> L d map in place of F -> d -> L d)."""
         emb = self.time_embed(timestep_embedding(t, self.width).to(x_t.dtype))
         xin = torch.cat([x_t, eta], dim=1)
         if not self.spatial:
-            h = F.silu(self.inp(xin) + emb)
-            h = F.silu(self.hidden(h))
-            return self.out(h)
+            h = F.silu(self.hidden(F.silu(self.inp(xin) + emb)))
+            return h, self.out.weight, self.out.bias.expand(h.shape[0], -1)
         h0 = self.enc0(self.conv_in(xin), emb)
         h1 = self.enc1(self.down(h0), emb)
         h1 = F.interpolate(h1, size=h0.shape[-2:], mode="nearest")
         n = self.norm_out
         h = F.silu(F.group_norm(torch.cat([h1, h0], dim=1), n.num_groups, n.weight, n.bias, n.eps))
-        # The 1x1 head as a batched matmul (faster than a 1x1 convolution on CPU).
-        w = self.conv_out.weight
-        bias = self.conv_out.bias[None, :, None]
+        bias = self.conv_out.bias.expand(h.shape[0], -1)
         if self.global_proj is not None:
-            bias = bias + self.global_proj(F.silu(h1.mean(dim=(2, 3))))[:, :, None]
-        z = torch.baddbmm(bias.expand(h.shape[0], -1, -1), w.view(w.shape[0], -1).expand(
-            h.shape[0], -1, -1), h.flatten(2))
-        return z.view(h.shape[0], -1, *h.shape[-2:])
+            bias = bias + self.global_proj(F.silu(h1.mean(dim=(2, 3))))
+        return h, self.conv_out.weight.flatten(1), bias
+
+    def forward(self, eta: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Return ``z`` of shape (B, latent_dim, H, W) or (B, latent_dim)."""
+        h, weight, bias = self.head(eta, x_t, t)
+        # the 1x1 head as a batched matmul (faster than a 1x1 convolution on CPU)
+        return Hypernetwork._linear(h.flatten(2) if h.dim() == 4 else h, weight, bias).view(
+            h.shape[0], -1, *h.shape[2:])
 
 
 class SMDNetwork(nn.Module):
@@ -228,29 +234,39 @@ class SMDNetwork(nn.Module):
         for site, stride in self.site_strides.items():
             self._sites_by_stride.setdefault(stride, []).append(site)
 
+    def _eta(self, x_t: torch.Tensor, generator, eta: torch.Tensor | None) -> torch.Tensor:
+        if eta is None:
+            return randn_like(x_t, generator=generator)
+        if eta.shape != x_t.shape:
+            raise ValueError(f"SMDNetwork: eta shape {tuple(eta.shape)} != x_t shape "
+                             f"{tuple(x_t.shape)}")
+        return eta
+
     def latent(self, x_t: torch.Tensor, t: torch.Tensor, generator=None, *,
                eta: torch.Tensor | None = None) -> torch.Tensor:
         """``z = g(eta, x_t, t)``, drawing ``eta`` from ``generator`` when not given."""
-        if eta is None:
-            eta = randn_like(x_t, generator=generator)
-        elif eta.shape != x_t.shape:
-            raise ValueError(f"SMDNetwork: eta shape {tuple(eta.shape)} != x_t shape "
-                             f"{tuple(x_t.shape)}")
+        eta = self._eta(x_t, generator, eta)
         return self.generator(eta, x_t, _per_row(t, x_t).to(x_t.device))
 
-    def _site_directions(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Unscaled hypernetwork directions per site (one matmul per resolution)."""
+    def _site_directions(self, head: tuple) -> dict[str, torch.Tensor]:
+        """Unscaled hypernetwork directions per site (one matmul per resolution), from the
+        generator's ``head`` ``(h, G, g)``, ``z = G h + g``: ``W z + w = (W G) h + (W g + w)``.
+        Folding the head in costs ``L d x F`` per position instead of ``d x F + L d x d``
+        (48 -> 200 in place of 48 -> 100 -> 200 at width 64); average pooling, being linear,
+        commutes with it."""
+        h, G, g = head
         # One matmul per resolution for the vectors of all sites there (same work as one per
         # site, fewer and larger kernels); each site then gets a slice of it.
         out: dict[str, torch.Tensor] = {}
         for stride, sites in self._sites_by_stride.items():
-            zs = z
-            if z.dim() == 4:
-                zs = (F.avg_pool2d(z, stride) if stride > 1 else z).flatten(2)
+            hs = h
+            if h.dim() == 4:
+                hs = (F.avg_pool2d(h, stride) if stride > 1 else h).flatten(2)
             hns = [self.hypernets[s] for s in sites]
             weight = torch.cat([hn.W for hn in hns]) if len(hns) > 1 else hns[0].W
             bias = torch.cat([hn.w for hn in hns]) if len(hns) > 1 else hns[0].w
-            u = directions(zs, weight, bias, self.hypernet_bound)
+            u = directions(hs, weight @ G, torch.addmm(bias, g, weight.t()),
+                           self.hypernet_bound)
             # split, not slicing: its backward concatenates the sites' gradients, where each
             # slice's would zero-fill a tensor of the whole size (measured 80 ms a step at w64)
             for site, part in zip(sites, u.split(hns[0].W.shape[0], dim=1), strict=True):
@@ -272,8 +288,8 @@ class SMDNetwork(nn.Module):
                 x_t, t = x_all, t_all
         else:
             x_all, t_all = x_t, t
-        z = self.latent(x_all, t_all, generator, eta=eta)
-        site_u = self._site_directions(z)
+        eta = self._eta(x_all, generator, eta)
+        site_u = self._site_directions(self.generator.head(eta, x_all, t_all))
 
         def modulation(h: torch.Tensor, site: str) -> torch.Tensor:
             if site not in site_u:

@@ -198,19 +198,42 @@ def test_every_level_pools_latent_to_site_resolution():
                     "output": (64, 64)}
 
 
-def test_fused_vectors_match_per_site_hypernetworks():
-    """SMDNetwork computes all sites' vectors at once; the result equals each site's forward."""
-    net = _smd(placement="every_level")
+@pytest.mark.parametrize("kw", [
+    {"placement": "every_level"},
+    {"placement": "input_output", "generator_global_context": True, "hypernet_bound": "none"},
+])
+def test_fused_vectors_match_per_site_hypernetworks(kw):
+    """SMDNetwork computes all sites' vectors at once, with the generator's linear head folded
+    into W; the result equals each site's forward on z = g(eta, x_t, t)."""
+    net = _smd(**kw)
+    if net.generator.global_proj is not None:
+        torch.nn.init.normal_(net.generator.global_proj.weight)  # a per-row bias that matters
     eta = torch.randn_like(X)
     z = net.latent(X, T, eta=eta)
 
     def per_site(h, site):
+        if site not in net.hypernets:
+            return h
         stride = net.site_strides[site]
         zs = F.avg_pool2d(z, stride) if stride > 1 else z
         return net.hypernets[site](h, zs)
 
     ref = net.backbone(X, T, modulation=per_site)
     torch.testing.assert_close(net(X, T, eta=eta), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_vector_network_equals_its_hypernetwork_on_the_latent():
+    from ldm_smd.nn.mlp import MLPDenoiser
+
+    torch.manual_seed(0)
+    net = SMDNetwork(backbone=MLPDenoiser(dim=3, hidden=16, depth=2, time_embed_dim=8),
+                     latent_dim=5, placement="output")
+    x, t = torch.randn(4, 3), torch.tensor([0, 3, 7, 9])
+    eta = torch.randn_like(x)
+    z = net.latent(x, t, eta=eta)
+    ref = net.backbone(x, t, modulation=lambda h, site: net.hypernets[site](h, z)
+                       if site in net.hypernets else h)
+    torch.testing.assert_close(net(x, t, eta=eta), ref, rtol=1e-5, atol=1e-6)
 
 
 def test_large_inputs_stay_finite():
