@@ -55,6 +55,7 @@ def smd_picture(out: Path, *, steps: int) -> tuple[Path, dict[str, float]]:
     methods = ["vanilla", "smd_energy", "exact_posterior"]
     result = run_mixture_benchmark(
         config, out_dir=out, methods=methods[:2], T_list=[2], seeds=[0], progress=False,
+        overwrite=True,  # the demo redoes its own runs (a second `make demo`)
         overrides=[f"trainer.max_steps={steps}", "bench.num_samples=10000",
                    "bench.sample_batch=10000"],
     )
