@@ -94,9 +94,10 @@ def format_table(summary: dict, methods: list[str], T_list: list[int]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def tabulate_results(results: str | os.PathLike) -> str:
-    """Rebuild the markdown table from ``results.json``, or from the ``runs.jsonl`` of a run
-    that is still going or was stopped (whatever runs it holds; methods in order of appearance)."""
+def read_runs(results: str | os.PathLike) -> tuple[list[dict], list[str], list[int]]:
+    """``(runs, methods, T_list)`` from a ``results.json``, or from the ``runs.jsonl`` of a run
+    that is still going or was stopped (whatever runs it holds; methods in order of appearance);
+    missing metrics (``null``) become NaN."""
     path = Path(results)
     if path.suffix == ".jsonl":
         raw = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -107,4 +108,10 @@ def tabulate_results(results: str | os.PathLike) -> str:
         raw, methods, T_list = data["runs"], data["methods"], data["T_list"]
     runs = [{k: (float("nan") if v is None and k in METRIC_KEYS else v) for k, v in r.items()}
             for r in raw]
+    return runs, methods, T_list
+
+
+def tabulate_results(results: str | os.PathLike) -> str:
+    """Rebuild the markdown table from a ``results.json`` or ``runs.jsonl`` (:func:`read_runs`)."""
+    runs, methods, T_list = read_runs(results)
     return format_table(aggregate(runs, methods, T_list), methods, T_list)

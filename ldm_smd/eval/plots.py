@@ -1,4 +1,5 @@
-"""Matplotlib (Agg) figures for the benchmarks: sample scatters, metric-against-steps curves."""
+"""Matplotlib (Agg) figures for the benchmarks: sample scatters, metric-against-steps curves
+(one benchmark, or several side by side)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -102,10 +104,7 @@ def sample_scatter(
                     ax.set_title(f"T = {T}", fontsize=9)
                 if j == 0:
                     ax.set_ylabel(name, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return str(path)
+    return _save(fig, path)
 
 
 def metrics_vs_steps(
@@ -128,29 +127,67 @@ def metrics_vs_steps(
     fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.9 * rows), squeeze=False)
     for k, metric in enumerate(metrics):
         ax = axes[k // cols][k % cols]
-        for n, method in enumerate(methods):
-            ts = [T for T in steps if metric in summary.get(method, {}).get(str(T), {})]
-            if not ts:
-                continue
-            mean = np.array([summary[method][str(T)][metric][0] for T in ts])
-            std = np.array([summary[method][str(T)][metric][1] for T in ts])
-            ls = "--" if method in ("exact_posterior", "best_gaussian") else "-"
-            ax.errorbar(ts, mean, yerr=std, label=method, ls=ls, marker="o", ms=3, capsize=2,
-                        color=f"C{n}")
-            if metric == "sw":
-                floor = [summary[method][str(T)].get("sw_floor", [np.nan])[0] for T in ts]
-                ax.plot(ts, floor, ls=":", color="gray", lw=1)
-        ax.set_xscale("log")
-        ax.set_xticks(list(steps))
-        ax.set_xticklabels([str(s) for s in steps])
-        ax.set_xlabel("steps T")
+        _panel(ax, summary, methods, steps, metric)
         ax.set_title(METRIC_LABELS.get(metric, metric), fontsize=9)
-        ax.grid(alpha=0.3)
     for k in range(len(metrics), rows * cols):
         axes[k // cols][k % cols].axis("off")
     if metrics:
         axes[0][0].legend(fontsize=7)
+    return _save(fig, path)
+
+
+def families_vs_steps(
+    summaries: Mapping[str, Mapping[str, Mapping[str, Mapping[str, Sequence[float]]]]],
+    methods: Sequence[str],
+    path: str | os.PathLike,
+    *,
+    metrics: Sequence[str] = ("sw_removed", "sw"),
+) -> str:
+    """Several benchmarks side by side: one column per benchmark (``summaries[name]`` as in
+    :func:`metrics_vs_steps`, its steps read from it), one row per metric."""
+    names = list(summaries)
+    fig, axes = plt.subplots(len(metrics), len(names), squeeze=False,
+                             figsize=(3.6 * len(names), 2.9 * len(metrics)))
+    for col, name in enumerate(names):
+        summary = summaries[name]
+        steps = sorted({int(T) for meth in methods for T in summary.get(meth, {})})
+        for row, metric in enumerate(metrics):
+            ax = axes[row][col]
+            _panel(ax, summary, methods, steps, metric)
+            if metric == "sw_removed":
+                ax.axhline(0.0, color="black", lw=0.8)
+            if metric == "sw":
+                ax.set_yscale("log")
+            ax.set_title(f"{name}: {METRIC_LABELS.get(metric, metric)}", fontsize=9)
+    axes[0][0].legend(fontsize=7)
+    return _save(fig, path)
+
+
+def _panel(ax, summary, methods: Sequence[str], steps: Sequence[int], metric: str) -> None:
+    """Mean ± std over seeds of ``metric`` against the number of steps, one curve per method."""
+    for n, method in enumerate(methods):
+        ts = [T for T in steps if metric in summary.get(method, {}).get(str(T), {})]
+        if not ts:
+            continue
+        mean = np.array([summary[method][str(T)][metric][0] for T in ts], dtype=float)
+        std = np.array([summary[method][str(T)][metric][1] for T in ts], dtype=float)
+        ls = "--" if method in ("exact_posterior", "best_gaussian") else "-"
+        ax.errorbar(ts, mean, yerr=std, label=method, ls=ls, marker="o", ms=3, capsize=2,
+                    color=f"C{n}")
+        if metric == "sw":
+            floor = [summary[method][str(T)].get("sw_floor", [np.nan])[0] for T in ts]
+            ax.plot(ts, floor, ls=":", color="gray", lw=1)
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.set_xticks(list(steps))
+    ax.set_xticklabels([str(s) for s in steps])
+    ax.set_xlabel("steps T")
+    ax.grid(alpha=0.3)
+
+
+def _save(fig, path: str | os.PathLike) -> str:
     fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return str(path)
@@ -175,8 +212,4 @@ def metric_against_steps(
         ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return str(path)
+    return _save(fig, path)

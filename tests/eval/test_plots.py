@@ -18,3 +18,19 @@ def test_scatter_layouts_put_methods_in_rows_or_side_by_side(tmp_path):
     assert rows.height > 2 * rows.width  # three methods stacked
     assert side.width > 2 * side.height  # three methods side by side
     assert side.size == rows.size[::-1]
+
+
+def _summary(removed):
+    return {"vanilla": {"2": {"sw": [0.4, 0.0], "sw_removed": [0.0, 0.0]}},
+            "smd": {"2": {"sw": [0.1, 0.01], "sw_removed": [removed, 0.05]},
+                    "5": {"sw": [0.05, 0.01], "sw_removed": [removed / 2, 0.05]}}}
+
+
+def test_families_side_by_side_one_column_each(tmp_path):
+    from ldm_smd.eval.plots import families_vs_steps
+
+    one = Image.open(families_vs_steps({"a": _summary(0.8)}, ["vanilla", "smd"],
+                                       tmp_path / "one.png"))
+    three = Image.open(families_vs_steps({k: _summary(0.5) for k in "abc"}, ["vanilla", "smd"],
+                                         tmp_path / "three.png"))
+    assert three.height == one.height and three.width > 2.5 * one.width
