@@ -289,7 +289,8 @@ def hypernet_from_official(state_dict: Mapping[str, Any], *, bound: str = "none"
     unexpected = sorted(set(sd) - expected - {"eye"})
     if missing or unexpected or not layers:
         raise CheckpointError(
-            f"not an SMD HyperNet state dict: missing keys {missing or ('param_projs.0.weight',)}"
+            "not an SMD HyperNet state dict: missing keys "
+            f"{missing or ([] if layers else ['param_projs.0.weight'])}"
             f", unexpected keys {unexpected}"
         )
     d, channels = tuple(sd["in_proj.weight"].shape)

@@ -111,7 +111,7 @@ def default_steps_error(model: Any, *, source: str) -> str | None:
     steps = getattr(getattr(model, "sampler", None), "steps", None)
     if steps is None or schedule is None or int(steps) <= schedule.num_timesteps:
         return None
-    return (f"{source}: model.params.sampler.steps={steps} is more than the schedule's "
+    return (f"{source}: model.params.sampler.params.steps={steps} is more than the schedule's "
             f"T={schedule.num_timesteps} (model.params.schedule.num_timesteps)")
 
 

@@ -656,6 +656,7 @@ def test_a_models_own_steps_above_its_T_are_named(tmp_path, stage2):
     model = load_diffusion_checkpoint(stage2)
     T = model.schedule.num_timesteps
     model.sampler = model.sampler.replace(steps=T + 5)
-    with pytest.raises(UsageError, match=rf"sampler\.steps={T + 5} .* give --steps 1\.\.{T}"):
+    with pytest.raises(UsageError,
+                       match=rf"sampler\.params\.steps={T + 5} .* give --steps 1\.\.{T}"):
         sample_to_dir(stage2, tmp_path / "s", progress=False, model=model)
     assert not (tmp_path / "s").exists()

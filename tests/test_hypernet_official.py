@@ -71,7 +71,8 @@ def test_bounded_variant_differs_from_theirs():
     [
         (lambda sd: sd.pop("in_proj.bias"), r"missing keys \['in_proj.bias'\]"),
         (lambda sd: sd.pop("param_projs.1.weight"), r"missing keys \['param_projs.1.weight'\]"),
-        (lambda sd: sd.update({"extra.weight": torch.zeros(1)}), r"unexpected keys \['extra"),
+        (lambda sd: sd.update({"extra.weight": torch.zeros(1)}),
+         r"missing keys \[\], unexpected keys \['extra"),
         (lambda sd: sd.update({"out_proj.bias": torch.zeros(7)}), r"out_proj.bias \(7,\)"),
         (lambda sd: sd.update({"scales": torch.zeros(3)}), r"scales \(3,\)"),
         (lambda sd: sd.update({"param_projs.0.weight": torch.zeros(5, 4)}),

@@ -24,14 +24,14 @@ first seed), ``metrics_vs_T.png``, ``samples/<method>_T<T>_seed<seed>.npz`` (fir
 ``runs/`` (each run's config, checkpoint and kept samples: ``ldm-smd sample`` reads them like any
 run's).
 
-A folder that already holds a benchmark (a non-empty ``runs.jsonl``) is refused unless
-``resume`` (keep every finished trained run whose saved config is this benchmark's config of that
-run, and run the rest) or ``overwrite`` (start over) is given.
+A folder that already holds a benchmark is refused unless ``resume`` (keep every finished
+trained run whose saved config and scoring options are this benchmark's, run the rest) or
+``overwrite`` (delete the benchmark's own files, once the first run of this one has finished) is
+given: :mod:`ldm_smd.bench.earlier`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
@@ -45,24 +45,20 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-import yaml
 
 from ldm_smd import rng
+from ldm_smd.bench import earlier
 from ldm_smd.bench.spec import bench_options, run_config, schedule_block
 from ldm_smd.callbacks import NonFiniteError
-from ldm_smd.config import ConfigError, instantiate, load_config, save_config, to_plain
-from ldm_smd.errors import OutputError
+from ldm_smd.config import ConfigError, instantiate, load_config, save_config
 from ldm_smd.eval import mixture_metrics as mm
-from ldm_smd.eval.mixture_report import LEGEND, METRIC_KEYS, aggregate, format_table
+from ldm_smd.eval.mixture_report import LEGEND, aggregate, format_table
 from ldm_smd.jsonio import dumps, write_json
 from ldm_smd.train import build_run
 
 REFERENCES = ("exact_posterior", "best_gaussian")
 #: first key of the sampling generator's seed (see :mod:`ldm_smd.rng`)
 SAMPLE_STREAM = 11
-#: what a benchmark writes in its folder (``overwrite`` removes these, nothing else)
-OUTPUTS = ("runs.jsonl", "results.md", "results.json", "scatter.png", "metrics_vs_T.png",
-           "samples", "runs")
 KEPT_SAMPLES = 4000  # samples kept per run for the scatter plot and the .npz files
 
 
@@ -125,12 +121,12 @@ def train_and_sample(config: dict, method: str, T: int, seed: int, *, out_dir: P
     """Train run ``(method, T, seed)`` through the stage-2 path, sample and score it."""
     bench = bench_options(config)
     run = run_config(config, method, T, seed)
-    run_dir = out_dir / "runs" / f"{method}_T{T}_seed{seed}"
-    shutil.rmtree(run_dir, ignore_errors=True)  # the benchmark's own earlier run of this job
+    run_dir = out_dir / "runs" / earlier.run_name(method, T, seed)
     run["run_dir"] = str(run_dir)
-    save_config(run, run_dir / "config.yaml")
     trace = _Trace()
-    model, data, trainer = build_run(run, run_dir, extra_callbacks=(trace,))
+    model, data, trainer = build_run(run, run_dir, extra_callbacks=(trace,))  # writes nothing
+    shutil.rmtree(run_dir, ignore_errors=True)  # the benchmark's own earlier run of this job
+    save_config(run, run_dir / "config.yaml")
     start = time.perf_counter()
     diverged_at = None
     try:
@@ -145,12 +141,12 @@ def train_and_sample(config: dict, method: str, T: int, seed: int, *, out_dir: P
                    for first in range(0, n, batch)]).reshape(n, -1)
     sample_s = time.perf_counter() - start
     record = _score(x, data.mixture, bench, method, T, seed)
-    np.savez_compressed(run_dir / "samples.npz", samples=record["samples"])  # for --resume
     tail = trace.losses[-max(1, len(trace.losses) // 10):]
     record.update(train_s=train_s, sample_s=sample_s, steps=len(trace.losses),
                   ms_per_step=trace.ms_per_step(),
                   final_loss=float(np.mean(tail)) if tail else float("nan"),
                   diverged_at=diverged_at)
+    earlier.save_finished(run_dir, record, config)  # what --resume keeps
     return record
 
 
@@ -176,61 +172,6 @@ def _job(args: tuple) -> dict:
     if method in REFERENCES:
         return reference_run(config, method, T, seed)
     return train_and_sample(config, method, T, seed, out_dir=out_dir)
-
-
-def _read_log(log: Path) -> dict[tuple, dict]:
-    """The finished runs in a benchmark's ``runs.jsonl``, by ``(method, T, seed)``."""
-    if not log.is_file():
-        return {}
-    runs = {}
-    for number, line in enumerate(log.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-            runs[(r["method"], int(r["T"]), int(r["seed"]))] = r
-        except (ValueError, KeyError, TypeError) as exc:
-            raise OutputError(f"{log}, line {number}: not a benchmark run record ({exc}); "
-                              "start the benchmark over with --overwrite") from exc
-    return runs
-
-
-def _kept_runs(out: Path, jobs: list, *, resume: bool, overwrite: bool) -> dict[tuple, dict]:
-    """The finished runs of an earlier benchmark in ``out`` that this one keeps (see the module
-    docstring); refuses a folder that holds one unless ``resume`` or ``overwrite``."""
-    log = out / "runs.jsonl"
-    earlier = _read_log(log)
-    if earlier and not (resume or overwrite):
-        raise OutputError(
-            f"--out {out} already holds a benchmark ({len(earlier)} finished runs in {log}): "
-            "continue it with --resume (finished runs of the same config are kept), start it "
-            "over with --overwrite, or give another --out")
-    if earlier and overwrite and not resume:
-        for name in OUTPUTS:
-            path = out / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink(missing_ok=True)
-        return {}
-    kept = {}
-    for config, method, T, seed, _ in jobs if resume else ():
-        record = earlier.get((method, T, seed))
-        run_dir = out / "runs" / f"{method}_T{T}_seed{seed}"
-        if record is None or method in REFERENCES or not (run_dir / "samples.npz").is_file():
-            continue
-        expected = {**run_config(config, method, T, seed), "run_dir": str(run_dir)}
-        try:
-            saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-        except (OSError, yaml.YAMLError):
-            continue  # not kept: run again
-        if saved != yaml.safe_load(yaml.safe_dump(to_plain(expected), sort_keys=False)):
-            continue
-        record = {k: (float("nan") if v is None and k in METRIC_KEYS else v)
-                  for k, v in record.items()}
-        kept[(method, T, seed)] = {**record,
-                                   "samples": np.load(run_dir / "samples.npz")["samples"]}
-    return kept
 
 
 def _init_worker(threads: int) -> None:
@@ -283,22 +224,34 @@ def run_mixture_benchmark(
         trained = sorted(((config, m, T, s, out) for m in methods for T in T_list),
                          key=lambda j: (-methods.index(j[1]), -j[2]))
         jobs += trained + [(config, m, T, s, out) for m in refs for T in T_list]
-    kept = _kept_runs(out, jobs, resume=resume, overwrite=overwrite)
+    found = earlier.check_folder(out, resume=resume, overwrite=overwrite)
+    kept = earlier.kept_runs(out, [j for j in jobs if j[1] not in REFERENCES]) if resume else {}
     jobs_left = [j for j in jobs if (j[1], j[2], j[3]) not in kept]
     workers = int(workers if workers is not None else bench["workers"])
     threads = int(bench["threads_per_worker"])
     start = time.perf_counter()
     runs: list[dict] = list(kept.values())
     bar = tqdm(total=len(jobs), initial=len(kept), desc="bench-mixture", disable=not progress)
-    out.mkdir(parents=True, exist_ok=True)
     log = out / "runs.jsonl"  # one line per finished run, written as they come in
-    log.write_text("".join(dumps({k: v for k, v in r.items() if k != "samples"}) + "\n"
-                           for r in runs))
+
+    def line(record: dict) -> str:
+        return dumps({k: v for k, v in record.items() if k != "samples"}) + "\n"
+
+    def start_log() -> None:
+        # after the first run of this benchmark (its checks passed): what it replaces goes
+        if overwrite:
+            earlier.clear(found, keep={earlier.run_name(m, T, s) for _, m, T, s, _ in jobs})
+        out.mkdir(parents=True, exist_ok=True)
+        log.write_text("".join(line(r) for r in runs))
 
     def collect(record: dict) -> None:
+        first = len(runs) == len(kept)
         runs.append(record)
-        with log.open("a") as handle:
-            handle.write(dumps({k: v for k, v in record.items() if k != "samples"}) + "\n")
+        if first:
+            start_log()
+        else:
+            with log.open("a") as handle:
+                handle.write(line(record))
         bar.update(1)
 
     if workers <= 1:
@@ -314,6 +267,8 @@ def run_mixture_benchmark(
                                  initializer=_init_worker, initargs=(threads,)) as pool:
             for future in as_completed([pool.submit(_job, job) for job in jobs_left]):
                 collect(future.result())
+    if not jobs_left:
+        start_log()
     bar.close()
     wall = time.perf_counter() - start
     order = {(m, T, s): i for i, (_, m, T, s, _) in enumerate(jobs)}

@@ -259,7 +259,8 @@ class EnergyObjective(MultiEtaObjective):
         self.mean_weight = float(mean_weight)
 
     def __repr__(self) -> str:
-        return f"{super().__repr__()[:-1]}, beta={self.beta!r})"
+        return (f"{super().__repr__()[:-1]}, beta={self.beta!r}, "
+                f"mean_weight={self.mean_weight!r})")
 
     @staticmethod
     def _norm(diff: torch.Tensor, beta: float) -> torch.Tensor:

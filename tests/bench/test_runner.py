@@ -116,7 +116,6 @@ def test_a_second_command_on_the_same_folder_loses_nothing(tmp_path):
     first = run_mixture_benchmark(RING8, **kw)
     ckpt = out / "runs" / "vanilla_T2_seed0" / "checkpoints" / "last.ckpt"
     stamp = ckpt.stat().st_mtime_ns
-    (out / "my_notes.txt").write_text("mine")
     # the same command again: refused, and nothing touched
     with pytest.raises(OutputError, match=r"already holds a benchmark .*--resume.*--overwrite"):
         run_mixture_benchmark(RING8, **kw)
@@ -128,14 +127,48 @@ def test_a_second_command_on_the_same_folder_loses_nothing(tmp_path):
     assert again["table"] == first["table"]
     trained = [r for r in again["runs"] if r["method"] == "vanilla"]
     assert trained[0]["train_s"] == first["runs"][0]["train_s"]
-    # a run whose config changed is trained again; --resume adds a seed without redoing seed 0
+    # more seeds: seed 0 kept; a later resume of seed 0 alone does not lose seed 1's run
     more = run_mixture_benchmark(RING8, **{**kw, "seeds": [0, 1]}, resume=True)
     assert ckpt.stat().st_mtime_ns == stamp and len(more["runs"]) == 6
+    ckpt1 = out / "runs" / "vanilla_T2_seed1" / "checkpoints" / "last.ckpt"
+    stamp1 = ckpt1.stat().st_mtime_ns
+    run_mixture_benchmark(RING8, **kw, resume=True)
+    run_mixture_benchmark(RING8, **{**kw, "seeds": [0, 1]}, resume=True)
+    assert (ckpt.stat().st_mtime_ns, ckpt1.stat().st_mtime_ns) == (stamp, stamp1)
+    # a changed config, or a changed scoring, trains again
     changed = run_mixture_benchmark(RING8, **{**kw, "overrides": [*TINY, "trainer.max_steps=7"]},
                                     resume=True)
-    assert ckpt.stat().st_mtime_ns != stamp
     assert [r["steps"] for r in changed["runs"] if r["method"] == "vanilla"] == [7]
-    # --overwrite removes the benchmark's own files only
-    run_mixture_benchmark(RING8, **kw, overwrite=True)
-    assert not (out / "runs" / "vanilla_T2_seed1").exists()
-    assert (out / "my_notes.txt").read_text() == "mine"
+    stamp = ckpt.stat().st_mtime_ns
+    rescored = run_mixture_benchmark(
+        RING8, **{**kw, "overrides": [*TINY, "trainer.max_steps=7", "bench.num_samples=300"]},
+        resume=True)
+    assert ckpt.stat().st_mtime_ns != stamp
+    assert rescored["config"]["bench"]["num_samples"] == 300
+
+
+def test_overwrite_removes_the_benchmarks_own_files_only_and_only_once_a_run_finished(tmp_path):
+    out = tmp_path / "bench"
+    kw = dict(out_dir=out, overrides=TINY, quick=True, T_list=[2], seeds=[0, 1],
+              methods=["vanilla"], progress=False)
+    run_mixture_benchmark(RING8, **kw)
+    mine = [out / "my_notes.txt", out / "runs" / "vanilla_T2_seed0" / "samples" / "grid.png",
+            out / "runs" / "scratch" / "x.txt", out / "samples" / "picture.png"]
+    for path in mine:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("mine")
+    # a first run that fails its checks deletes nothing
+    with pytest.raises(Exception, match="16"):
+        run_mixture_benchmark(RING8, **{**kw, "overrides": [*TINY, "trainer.precision=16-mixed"]},
+                              overwrite=True)
+    assert (out / "runs" / "vanilla_T2_seed1" / "scores.json").is_file()
+    assert (out / "runs.jsonl").read_text().count("\n") == 6
+    run_mixture_benchmark(RING8, **{**kw, "seeds": [0]}, overwrite=True)
+    assert not (out / "runs" / "vanilla_T2_seed1").exists()  # the earlier benchmark's run
+    assert (out / "runs.jsonl").read_text().count("\n") == 3
+    assert sorted((out / "samples").iterdir()) == sorted(
+        [out / "samples" / "picture.png", *[out / "samples" / f"{m}_T2_seed0.npz"
+                                           for m in ("vanilla", "exact_posterior",
+                                                     "best_gaussian")]])
+    assert [p.read_text() for p in mine if p.exists()] == ["mine"] * 3
+    assert not mine[1].exists()  # inside a run folder the benchmark redid: that run's own
