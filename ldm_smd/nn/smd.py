@@ -251,9 +251,10 @@ class SMDNetwork(nn.Module):
     def _site_directions(self, head: tuple) -> dict[str, torch.Tensor]:
         """Unscaled hypernetwork directions per site (one matmul per resolution), from the
         generator's ``head`` ``(h, G, g)``, ``z = G h + g``: ``W z + w = (W G) h + (W g + w)``.
-        Folding the head in costs ``L d x F`` per position instead of ``d x F + L d x d``
-        (48 -> 200 in place of 48 -> 100 -> 200 at width 64); average pooling, being linear,
-        commutes with it."""
+        Folding the head in costs ``K x F`` per position (``K`` rows of ``W`` at a resolution)
+        instead of ``d x F + K x d`` (48 -> 200 in place of 48 -> 100 -> 200 at width 64,
+        placement output), so it is used where it is the cheaper; average pooling, being
+        linear, commutes with it."""
         h, G, g = head
         # One matmul per resolution for the vectors of all sites there (same work as one per
         # site, fewer and larger kernels); each site then gets a slice of it.
@@ -265,8 +266,12 @@ class SMDNetwork(nn.Module):
             hns = [self.hypernets[s] for s in sites]
             weight = torch.cat([hn.W for hn in hns]) if len(hns) > 1 else hns[0].W
             bias = torch.cat([hn.w for hn in hns]) if len(hns) > 1 else hns[0].w
-            u = directions(hs, weight @ G, torch.addmm(bias, g, weight.t()),
-                           self.hypernet_bound)
+            K, F_, d = weight.shape[0], G.shape[1], G.shape[0]
+            if K * F_ <= d * (F_ + K):  # the fold is the cheaper way here
+                u = directions(hs, weight @ G, torch.addmm(bias, g, weight.t()),
+                               self.hypernet_bound)
+            else:
+                u = directions(Hypernetwork._linear(hs, G, g), weight, bias, self.hypernet_bound)
             # split, not slicing: its backward concatenates the sites' gradients, where each
             # slice's would zero-fill a tensor of the whole size (measured 80 ms a step at w64)
             for site, part in zip(sites, u.split(hns[0].W.shape[0], dim=1), strict=True):

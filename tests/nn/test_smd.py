@@ -90,7 +90,7 @@ def _backbone(**kw):
 
 def _smd(seed=0, **kw):
     torch.manual_seed(seed)
-    net = SMDNetwork(backbone=_backbone(), latent_dim=8, **kw)
+    net = SMDNetwork(backbone=_backbone(), **{"latent_dim": 8, **kw})
     torch.nn.init.normal_(net.backbone.out[2].weight, std=0.1)  # the UNet's is zero-initialised
     return net
 
@@ -199,7 +199,8 @@ def test_every_level_pools_latent_to_site_resolution():
 
 
 @pytest.mark.parametrize("kw", [
-    {"placement": "every_level"},
+    {"placement": "every_level"},                  # z computed, then W (the cheaper here)
+    {"placement": "output", "latent_dim": 32},     # the head folded into W (the cheaper here)
     {"placement": "input_output", "generator_global_context": True, "hypernet_bound": "none"},
 ])
 def test_fused_vectors_match_per_site_hypernetworks(kw):
