@@ -23,7 +23,7 @@ METRIC_LABELS = {
     "kl": "KL(sampled modes || weights)",
     "spread": "spread (1 = right)",
     "logp_mean": "mean log-density",
-    "sw": "sliced Wasserstein (dashed: floor)",
+    "sw": "sliced Wasserstein (dotted: floor)",
     "sw_removed": "share of vanilla's excess SW removed",
     "nonfinite": "non-finite share",
 }
