@@ -72,6 +72,9 @@ class DenseHypernetwork(Hypernetwork):
         return out.reshape(b, hh, ww, c).permute(0, 3, 1, 2)
 
     def modulate(self, h: torch.Tensor, u_all: torch.Tensor) -> torch.Tensor:
+        repeats = u_all.shape[0] // h.shape[0]  # M draws for the same features (see Hypernetwork)
+        if repeats > 1:
+            h = h.repeat((repeats,) + (1,) * (h.dim() - 1))
         if h.dim() == 2:
             return self._dense(h, u_all * self._scale())
         b, c, n = h.shape  # flattened maps (B, C, N), u_all (B, L d, N)

@@ -103,8 +103,14 @@ class Hypernetwork(nn.Module):
         """``h + B M_L .. M_1 (A h + a) + b`` for ``h`` (B, C[, N]) given directions ``u_all``.
 
         ``M_l r = c^2 u_l (u_l . r) + softplus(s_l) r``: O(d) per position, no d x d matrix.
+        ``u_all`` may hold ``M`` times the rows of ``h`` (row ``i + m B`` modulating row ``i``:
+        ``M`` draws of ``eta`` for the same features); ``A h + a`` is then computed once.
         """
         r = self._linear(h, self.A, self.a)
+        repeats = u_all.shape[0] // h.shape[0]
+        if repeats > 1:
+            tile = (repeats,) + (1,) * (h.dim() - 1)
+            h, r = h.repeat(tile), r.repeat(tile)
         scales = F.softplus(self.s)
         if torch.is_grad_enabled():
             r = _RankOneChain.apply(r, u_all, scales, self.vector_scale_sq)

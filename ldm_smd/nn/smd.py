@@ -299,9 +299,7 @@ class SMDNetwork(nn.Module):
         def modulation(h: torch.Tensor, site: str) -> torch.Tensor:
             if site not in site_u:
                 return h
-            if shared:
-                h = h.repeat((M,) + (1,) * (h.dim() - 1))
-            u = site_u[site]
+            u = site_u[site]  # with a shared pass, M times the rows of h (modulate tiles h)
             if h.dim() == 2:
                 return self.hypernets[site].modulate(h, u)
             if u.shape[-1] != h.shape[-2] * h.shape[-1]:
@@ -310,7 +308,7 @@ class SMDNetwork(nn.Module):
                     f"not match the input {tuple(x_t.shape[-2:])} pooled by its declared stride "
                     f"{self.site_strides[site]}"
                 )
-            return self.hypernets[site].modulate(h.flatten(2), u).view(h.shape)
+            return self.hypernets[site].modulate(h.flatten(2), u).view(-1, *h.shape[1:])
 
         return self.backbone(x_t, t, generator, modulation=modulation)
 
