@@ -273,10 +273,11 @@ def build_parser() -> argparse.ArgumentParser:
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true",
                        help="continue the benchmark in --out: keep each finished run whose "
-                            "saved config is this one's, run the rest")
+                            "saved config and scoring options are this one's, run the rest")
     again.add_argument("--overwrite", action="store_true",
-                       help="delete the benchmark in --out (runs.jsonl, results.*, the plots, "
-                            "samples/, runs/), then run anew")
+                       help="replace the benchmark in --out: its own files (runs.jsonl, "
+                            "results.*, the plots, samples/RUN.npz, runs/RUN/) are deleted once "
+                            "the first new run has finished; nothing else there")
     p.add_argument("overrides", nargs="*", metavar="KEY.PATH=VALUE",
                    help="config overrides, applied to the base config before the methods")
     p.set_defaults(func=_cmd_bench_mixture)
