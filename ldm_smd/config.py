@@ -282,20 +282,12 @@ def validate_spec(spec: Any, *, key: str) -> None:
     params = spec.get("params") or {}
     if not isinstance(params, Mapping):
         raise ConfigError(f"{key}.params: expected a mapping, got {params!r}")
-    accepted, hints, takes_kwargs = _signature_params(obj)
-    valid = ", ".join(sorted(accepted)) or "(none)"
+    accepted = check_arguments(params, obj, key=f"{key}.params", label=spec["target"],
+                               noun="parameter")
     for name, value in params.items():
         pkey = f"{key}.params.{name}"
         if name not in accepted:
-            if takes_kwargs:
-                continue
-            raise ConfigError(f"{pkey}: unknown parameter of {spec['target']}; valid: {valid}")
-        annotation = hints.get(name, inspect.Parameter.empty)
-        if not check_type(value, annotation):
-            raise ConfigError(
-                f"{pkey}: expected {_type_name(annotation)}, got {type(value).__name__} "
-                f"{value!r}"
-            )
+            continue  # taken by **kwargs
         if is_spec(value):
             validate_spec(value, key=pkey)
         elif isinstance(value, Mapping):
@@ -330,9 +322,11 @@ def validate_mapping(
 
 def check_arguments(
     values: Mapping[str, Any], target: Any, *, key: str, label: str,
-    excluded: Sequence[str] = (),
-) -> None:
-    """Every entry of ``values`` is a keyword argument of ``target`` of the annotated type."""
+    excluded: Sequence[str] = (), noun: str = "key",
+) -> dict[str, inspect.Parameter]:
+    """Every entry of ``values`` is a keyword argument of ``target`` of the annotated type (an
+    unknown one is an "unknown ``noun``" error, unless ``target`` takes ``**kwargs``); returns
+    ``target``'s accepted keyword parameters."""
     accepted, hints, takes_kwargs = _signature_params(target)
     accepted = {n: p for n, p in accepted.items() if n not in excluded}
     valid = ", ".join(sorted(accepted)) or "(none)"
@@ -340,13 +334,14 @@ def check_arguments(
         if name not in accepted:
             if takes_kwargs:
                 continue
-            raise ConfigError(f"{key}.{name}: unknown key of {label}; valid: {valid}")
+            raise ConfigError(f"{key}.{name}: unknown {noun} of {label}; valid: {valid}")
         annotation = hints.get(name, inspect.Parameter.empty)
         if not check_type(item, annotation):
             raise ConfigError(
                 f"{key}.{name}: expected {_type_name(annotation)}, got {type(item).__name__} "
                 f"{item!r}"
             )
+    return accepted
 
 
 def _check_section(config: Mapping[str, Any], name: str, allowed: dict[str, type]) -> None:
