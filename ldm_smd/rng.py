@@ -104,8 +104,14 @@ def randn_like(x: torch.Tensor, *, generator: GeneratorLike) -> torch.Tensor:
     return randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
+def repeat_rows(x: torch.Tensor, times: int) -> torch.Tensor:
+    """``x`` tiled ``times`` times along the batch: row ``i + k * B`` is row ``i`` (the layout
+    of SMD's ``M`` draws per example, which :func:`repeat_generators` follows)."""
+    return x.repeat((times,) + (1,) * (x.dim() - 1))
+
+
 def repeat_generators(generator: GeneratorLike, times: int) -> GeneratorLike:
-    """Generators for a batch whose rows were repeated with ``x.repeat(times, ...)``.
+    """Generators for a batch whose rows were repeated with :func:`repeat_rows`.
 
     A single generator (or None) is returned unchanged; a per-row list is tiled the same way
     the rows were, so row ``i + k * B`` draws from the generator of row ``i`` (consecutive draws).

@@ -18,6 +18,7 @@ from ldm_smd.diffusion.objectives import build_objective
 from ldm_smd.diffusion.schedule import NoiseSchedule
 from ldm_smd.nn.smd import Hypernetwork, SMDNetwork
 from ldm_smd.nn.unet import UNetModel
+from ldm_smd.rng import repeat_rows
 
 CASE_NAMES = ("vanilla", "smd_paper", "smd_paper_unbounded", "smd_energy_M4", "smd_energy_M8",
               "smd_mixture_M4", "smd_reference_dxd", "diffusers_unet2d")
@@ -74,7 +75,7 @@ class DenseHypernetwork(Hypernetwork):
     def modulate(self, h: torch.Tensor, u_all: torch.Tensor) -> torch.Tensor:
         repeats = u_all.shape[0] // h.shape[0]  # M draws for the same features (see Hypernetwork)
         if repeats > 1:
-            h = h.repeat((repeats,) + (1,) * (h.dim() - 1))
+            h = repeat_rows(h, repeats)
         if h.dim() == 2:
             return self._dense(h, u_all * self._scale())
         b, c, n = h.shape  # flattened maps (B, C, N), u_all (B, L d, N)

@@ -15,7 +15,7 @@ import torch
 
 from ldm_smd.diffusion.denoising import DenoisingObjective, Network, loss_weights
 from ldm_smd.diffusion.schedule import NoiseSchedule
-from ldm_smd.rng import GeneratorLike
+from ldm_smd.rng import GeneratorLike, repeat_rows
 
 ELBO_VARIANCES = ("posterior", "beta")
 
@@ -181,7 +181,7 @@ class MixtureObjective(MultiEtaObjective):
              schedule: NoiseSchedule) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The mixture bound from predictions (M, B, ...) and targets (B, ...)."""
         M, B = pred.shape[:2]
-        raw = self._errors(pred.flatten(0, 1), target.repeat((M,) + (1,) * (target.dim() - 1)))
+        raw = self._errors(pred.flatten(0, 1), repeat_rows(target, M))
         raw = raw.reshape(M, B)
         e = self._weights(schedule, t, raw) * raw  # (M, B), weight broadcasts over m
         # float64 and centred on the mean: exact identities that keep large tau accurate

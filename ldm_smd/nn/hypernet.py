@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm_smd.rng import repeat_rows
+
 HYPERNET_BOUNDS = ("tanh", "none")
 HYPERNET_INITS = ("default", "zero")
 
@@ -109,8 +111,7 @@ class Hypernetwork(nn.Module):
         r = self._linear(h, self.A, self.a)
         repeats = u_all.shape[0] // h.shape[0]
         if repeats > 1:
-            tile = (repeats,) + (1,) * (h.dim() - 1)
-            h, r = h.repeat(tile), r.repeat(tile)
+            h, r = repeat_rows(h, repeats), repeat_rows(r, repeats)
         scales = F.softplus(self.s)
         if torch.is_grad_enabled():
             r = _RankOneChain.apply(r, u_all, scales, self.vector_scale_sq)

@@ -41,7 +41,7 @@ from torch import nn
 
 from ldm_smd.nn.hypernet import HYPERNET_BOUNDS, HYPERNET_INITS, Hypernetwork, directions
 from ldm_smd.nn.layers import Downsample, ResBlock, normalization, timestep_embedding
-from ldm_smd.rng import randn_like, repeat_generators
+from ldm_smd.rng import randn_like, repeat_generators, repeat_rows
 
 PLACEMENTS = ("input_output", "every_level", "output")
 
@@ -286,9 +286,8 @@ class SMDNetwork(nn.Module):
         t = _per_row(t, x_t)
         shared = M > 1 and self.placement == "output"
         if M > 1:  # the M copies of each row: rows i + m * B
-            reps = (M,) + (1,) * (x_t.dim() - 1)
-            x_all, t_all, generator = x_t.repeat(reps), t.repeat(M), repeat_generators(
-                generator, M)
+            x_all, t_all = repeat_rows(x_t, M), repeat_rows(t, M)
+            generator = repeat_generators(generator, M)
             if not shared:
                 x_t, t = x_all, t_all
         else:
