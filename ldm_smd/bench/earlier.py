@@ -89,12 +89,15 @@ def kept_runs(out: Path, jobs: Iterable[tuple]) -> dict[tuple, dict]:
         try:
             saved = yaml.safe_load((run_dir / "config.yaml").read_text())
             scores = json.loads((run_dir / "scores.json").read_text())
-            samples = np.load(run_dir / "samples.npz")["samples"]
-        except (OSError, ValueError, KeyError, yaml.YAMLError):
+        except (OSError, ValueError, yaml.YAMLError):
             continue  # not finished, or not readable: run again
         expected = {**run_config(config, method, T, seed), "run_dir": str(run_dir)}
         if (saved != yaml.safe_load(yaml.safe_dump(to_plain(expected), sort_keys=False))
                 or scores.get("scoring") != scoring(config)):
+            continue
+        try:  # the samples only of a run that is kept
+            samples = np.load(run_dir / "samples.npz")["samples"]
+        except (OSError, ValueError, KeyError):
             continue
         record = {k: (float("nan") if v is None and k in METRIC_KEYS else v)
                   for k, v in scores["record"].items()}
