@@ -384,5 +384,15 @@ def train(
         print(f"[ldm-smd] trained {steps} steps in this session{session} in {seconds:.1f} s"
               f"{final_loss(trainer)}")
         print(where(run_dir, trainer, LAST))
+    _end_process_group()
     return {"run_dir": run_dir, "checkpoint": last, "seconds": seconds, "trainer": trainer}
+
+
+def _end_process_group() -> None:
+    """Destroy the process group a DDP run started, once every rank is done: left to the
+    interpreter's exit, gloo's threads were seen to abort a finished run (``terminate called
+    without an active exception``, exit status -6)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
