@@ -8,7 +8,7 @@ import pytest
 
 from ldm_smd.eval.mixture_report import aggregate
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 import plot_mixtures  # noqa: E402
 
 

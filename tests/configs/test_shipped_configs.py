@@ -21,7 +21,7 @@ from ldm_smd.checkpoints import load_checkpoint
 from ldm_smd.config import instantiate, load_config, save_config
 from ldm_smd.train import train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted(
     p.relative_to(ROOT / "configs")
     for p in (ROOT / "configs").rglob("*.yaml")

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 PIECES = ("benchmark_cases", "benchmark_memory", "benchmark_report")
 
 

@@ -18,7 +18,7 @@ from ldm_smd.nn.smd import Hypernetwork, SMDNetwork
 from ldm_smd.nn.unet import UNetModel
 from ldm_smd.train import train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _ring() -> GaussianMixture:

@@ -1,0 +1,21 @@
+"""Image files: quantisation, grids and single PNGs."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ldm_smd.images import make_grid, save_grid, save_singles, to_uint8
+
+
+def test_uint8_quantisation_and_grid(tmp_path):
+    x = torch.tensor([-1.0, 0.0, 1.0, 2.0]).view(1, 1, 2, 2).expand(1, 3, 2, 2)
+    assert to_uint8(x)[0, :, :, 0].tolist() == [[0, 128], [255, 255]]
+    grid = make_grid(torch.zeros(5, 3, 4, 4), nrow=3, padding=1)
+    assert grid.shape == (2 * 5 + 1, 3 * 5 + 1, 3)
+    path = save_grid(torch.rand(4, 3, 8, 8) * 2 - 1, tmp_path / "g.png", nrow=2)
+    assert Image.open(path).size == (2 * 10 + 2, 2 * 10 + 2)
+    singles = save_singles(torch.zeros(2, 3, 8, 8), tmp_path / "s", start=10)
+    assert [p.name for p in singles] == ["000010.png", "000011.png"]
+    assert np.asarray(Image.open(singles[0]))[0, 0].tolist() == [128, 128, 128]
