@@ -32,8 +32,9 @@ from typing import Any
 import torch
 import yaml
 
-from ldm_smd.checkpoints import CheckpointError, atomic_write, load_checkpoint
+from ldm_smd.checkpoints import CheckpointError, load_checkpoint
 from ldm_smd.checkpoints import load_state_dict_strict as _load_strict
+from ldm_smd.fileio import atomic_write
 from ldm_smd.nn.autoencoder import AutoencoderKL
 from ldm_smd.nn.smd import Hypernetwork
 

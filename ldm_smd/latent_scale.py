@@ -18,7 +18,7 @@ import torch
 import yaml
 from torch import nn
 
-from ldm_smd.checkpoints import atomic_write
+from ldm_smd.fileio import atomic_write
 from ldm_smd.rng import GeneratorLike
 
 
@@ -165,10 +165,10 @@ def scale_factor_command(
 
     Everything is checked before the estimate: ``batches``, the ``write`` target (a stage-2
     config, writable), the data config, the checkpoint and the dataset."""
-    from ldm_smd.checkpoints import check_writable
     from ldm_smd.config import ConfigError, load_config
     from ldm_smd.convert import load_first_stage
     from ldm_smd.errors import DataError, UsageError
+    from ldm_smd.fileio import check_writable
     from ldm_smd.train import build_block, setup_data
 
     if batches < 1:

@@ -38,12 +38,7 @@ from ldm_smd.callbacks import (
     SampleGrid,
     progress_bar,
 )
-from ldm_smd.checkpoints import (
-    CheckpointError,
-    check_state_dict,
-    check_writable,
-    load_checkpoint,
-)
+from ldm_smd.checkpoints import CheckpointError, check_state_dict, load_checkpoint
 from ldm_smd.config import ConfigError, instantiate, load_config, save_config
 from ldm_smd.console import final_loss, quiet_lightning, where
 from ldm_smd.errors import (
@@ -54,6 +49,7 @@ from ldm_smd.errors import (
     UsageError,
     describe_os_error,
 )
+from ldm_smd.fileio import check_writable
 from ldm_smd.run_folder import (
     LAST,
     existing_run,
