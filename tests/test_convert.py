@@ -9,6 +9,7 @@ import yaml
 from ldm_smd.checkpoints import CheckpointError
 from ldm_smd.config import ConfigError
 from ldm_smd.convert import (
+    RecordedScales,
     architecture_of,
     build_autoencoder,
     export_diffusers,
@@ -63,8 +64,8 @@ def _diffusers_model():
 def test_diffusers_folder_loads_with_parity(tmp_path):
     _, theirs = _diffusers_model()
     theirs.save_pretrained(tmp_path / "vae")
-    ours, scale = load_first_stage(tmp_path / "vae")
-    assert scale == pytest.approx(0.13025)
+    ours, scales = load_first_stage(tmp_path / "vae")
+    assert scales == RecordedScales(diffusers=pytest.approx(0.13025))
     assert architecture_of(ours)["ddconfig"]["ch_mult"] == [1, 2, 2]
     assert not ours.training and not any(p.requires_grad for p in ours.parameters())
     _assert_same(ours, lambda x: theirs.encode(x).latent_dist.mean,
@@ -80,8 +81,8 @@ def test_export_to_diffusers_round_trips(tmp_path):
     theirs = diffusers.AutoencoderKL.from_pretrained(tmp_path / "export").eval()
     _assert_same(ours, lambda x: theirs.encode(x).latent_dist.mean,
                  lambda z: theirs.decode(z).sample)
-    again, scale = load_first_stage(tmp_path / "export")
-    assert scale == 0.5
+    again, scales = load_first_stage(tmp_path / "export")
+    assert scales == RecordedScales(diffusers=0.5)
     _assert_same(ours, lambda x: again.encode(x).mean, again.decode)
 
 
@@ -148,8 +149,8 @@ def _compvis_checkpoint(tmp_path, ours, *, with_config=True, extra=None):
 def test_compvis_checkpoint_with_config_beside_it(tmp_path):
     ours = _ours()
     path = _compvis_checkpoint(tmp_path, ours)
-    loaded, scale = load_first_stage(path)
-    assert scale is None
+    loaded, scales = load_first_stage(path)
+    assert scales == RecordedScales()  # a first-stage config.yaml records no scale factor
     _assert_same(ours, lambda x: loaded.encode(x).mean, loaded.decode)
 
 
@@ -182,8 +183,8 @@ def test_compvis_ldm_checkpoint_gives_its_first_stage_and_scale(tmp_path):
         "target": "ldm.models.autoencoder.AutoencoderKL",
         "params": {"embed_dim": 4, "ddconfig": DDCONFIG}}}}}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    loaded, scale = load_first_stage(tmp_path / "model.ckpt")
-    assert scale == pytest.approx(0.18215)
+    loaded, scales = load_first_stage(tmp_path / "model.ckpt")
+    assert scales == RecordedScales(config_yaml=pytest.approx(0.18215))
     _assert_same(ours, lambda x: loaded.encode(x).mean, loaded.decode)
 
 
@@ -194,8 +195,8 @@ def test_our_checkpoint_uses_its_hyper_parameters(tmp_path):
     ckpt = {"state_dict": state, "hyper_parameters": {"ddconfig": DDCONFIG, "embed_dim": 4,
                                                        "learning_rate": 1e-4}}
     torch.save(ckpt, tmp_path / "last.ckpt")
-    loaded, scale = load_first_stage(tmp_path / "last.ckpt")
-    assert scale is None
+    loaded, scales = load_first_stage(tmp_path / "last.ckpt")
+    assert scales == RecordedScales()
     _assert_same(ours, lambda x: loaded.encode(x).mean, loaded.decode)
 
 
@@ -266,6 +267,6 @@ def test_our_stage2_checkpoint_gives_its_first_stage(tmp_path):
     state["model.diffusion_model.out.weight"] = torch.zeros(2)
     hparams = {"first_stage_config": {"ddconfig": DDCONFIG, "embed_dim": 4}, "scale_factor": 0.3}
     torch.save({"state_dict": state, "hyper_parameters": hparams}, tmp_path / "ldm.ckpt")
-    loaded, scale = load_first_stage(tmp_path / "ldm.ckpt")
-    assert scale == pytest.approx(0.3)
+    loaded, scales = load_first_stage(tmp_path / "ldm.ckpt")
+    assert scales == RecordedScales(stage2=pytest.approx(0.3))
     _assert_same(ours, lambda x: loaded.encode(x).mean, loaded.decode)
