@@ -1,4 +1,4 @@
-"""Loading first-stage weights (ours, CompVis, diffusers), exporting, and the latent scale."""
+"""Loading first-stage weights (ours, CompVis, diffusers) and what they record, exporting."""
 
 import json
 
@@ -7,7 +7,6 @@ import torch
 import yaml
 
 from ldm_smd.checkpoints import CheckpointError
-from ldm_smd.config import ConfigError
 from ldm_smd.convert import (
     RecordedScales,
     architecture_of,
@@ -16,8 +15,6 @@ from ldm_smd.convert import (
     load_diffusers,
     load_first_stage,
 )
-from ldm_smd.latent_scale import estimate_scale_factor, write_scale_factor
-from ldm_smd.nn.autoencoder import DiagonalGaussianDistribution
 
 DDCONFIG = dict(ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, attn_resolutions=[], z_channels=4,
                 double_z=True, resolution=16, in_channels=3, out_ch=3, dropout=0.0)
@@ -210,55 +207,6 @@ def test_checkpoint_that_runs_code_is_refused(tmp_path):
         load_first_stage(tmp_path / "evil.ckpt")
     with pytest.raises(CheckpointError, match="not found"):
         load_first_stage(tmp_path / "absent.ckpt")
-
-
-class _FixedPosterior(torch.nn.Module):
-    """encode() gives a posterior with mean 0.5 and std 2 everywhere."""
-
-    def __init__(self):
-        super().__init__()
-        self.dummy = torch.nn.Parameter(torch.zeros(()))
-
-    def encode(self, x):
-        mean = torch.full((x.shape[0], 4, 8, 8), 0.5)
-        return DiagonalGaussianDistribution(torch.cat([mean, torch.full_like(mean, 2 * 0.6931472)],
-                                                      dim=1))
-
-
-def test_estimate_scale_factor_is_one_over_latent_std():
-    batches = [torch.zeros(16, 3, 8, 8) for _ in range(4)]
-    gen = torch.Generator().manual_seed(0)
-    value = estimate_scale_factor(_FixedPosterior(), batches, generator=gen)
-    assert value == pytest.approx(0.5, rel=0.02)  # sampled latents: std 2
-    again = estimate_scale_factor(_FixedPosterior(), batches,
-                                  generator=torch.Generator().manual_seed(0))
-    assert again == value
-    with pytest.raises(ValueError, match="variance"):
-        estimate_scale_factor(_FixedPosterior(), batches, sample_posterior=False)
-    with pytest.raises(ValueError, match="empty"):
-        estimate_scale_factor(_FixedPosterior(), [])
-
-
-def test_write_scale_factor_keeps_the_rest_of_the_file(tmp_path):
-    path = tmp_path / "ldm.yaml"
-    text = ("# stage 2\nmodel:\n  target: ldm_smd.models.diffusion.LatentDiffusion  # the model\n"
-            "  params:\n"
-            "    first_stage: a.ckpt\n    scale_factor: 1.0  # estimated\n"
-            "    unet: {target: u, params: {ch: 8}}\ndata:\n  target: d\n")
-    path.write_text(text)
-    write_scale_factor(path, 0.25)
-    new = path.read_text()
-    assert new == text.replace("scale_factor: 1.0", "scale_factor: 0.25")
-    path.write_text(text.replace("    scale_factor: 1.0  # estimated\n", ""))
-    write_scale_factor(path, 0.125)
-    config = yaml.safe_load(path.read_text())
-    assert config["model"]["params"] == {"scale_factor": 0.125, "first_stage": "a.ckpt",
-                                         "unet": {"target": "u", "params": {"ch": 8}}}
-    assert path.read_text().startswith("# stage 2\n")
-    assert [p.name for p in tmp_path.iterdir()] == ["ldm.yaml"]  # no temporary left behind
-    (tmp_path / "bad.yaml").write_text("data: {}\n")
-    with pytest.raises(ConfigError, match="no 'model' block"):
-        write_scale_factor(tmp_path / "bad.yaml", 1.0)
 
 
 def test_our_stage2_checkpoint_gives_its_first_stage(tmp_path):
