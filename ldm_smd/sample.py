@@ -22,7 +22,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ldm_smd.checkpoints import CheckpointError, load_checkpoint, load_state_dict_strict
+from ldm_smd.checkpoints import (
+    CheckpointError,
+    load_checkpoint,
+    load_state_dict_strict,
+)
 from ldm_smd.devices import resolve_device
 from ldm_smd.diffusion.samplers import SAMPLERS, SPACINGS
 from ldm_smd.errors import OutputError, UsageError

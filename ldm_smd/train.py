@@ -38,7 +38,11 @@ from ldm_smd.callbacks import (
     SampleGrid,
     progress_bar,
 )
-from ldm_smd.checkpoints import CheckpointError, check_state_dict, load_checkpoint
+from ldm_smd.checkpoints import (
+    CheckpointError,
+    check_state_dict,
+    load_checkpoint,
+)
 from ldm_smd.config import ConfigError, instantiate, load_config, save_config
 from ldm_smd.console import final_loss, quiet_lightning, where
 from ldm_smd.errors import (
