@@ -28,8 +28,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMPr
 from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from ldm_smd.checkpoints import atomic_write, load_checkpoint
+from ldm_smd.checkpoints import load_checkpoint
 from ldm_smd.errors import LdmSmdError
+from ldm_smd.fileio import atomic_write
 from ldm_smd.images import save_grid
 from ldm_smd.rng import row_generators
 

@@ -121,7 +121,7 @@ def _cmd_bench_mixture(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from ldm_smd.bench.runner import load_bench_config, run_mixture_benchmark
-    from ldm_smd.checkpoints import check_writable
+    from ldm_smd.fileio import check_writable
 
     load_bench_config(args.config, args.overrides, quick=args.quick)  # every key, before work
     out = Path(args.out) if args.out else Path("runs") / "mixture" / Path(args.config).stem

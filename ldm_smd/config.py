@@ -153,7 +153,7 @@ def to_plain(obj: Any) -> Any:
 
 def save_config(config: Mapping[str, Any], path: str | Path) -> None:
     """Write the resolved config as YAML (to a temporary name, then renamed)."""
-    from ldm_smd.checkpoints import atomic_write
+    from ldm_smd.fileio import atomic_write
 
     text = yaml.safe_dump(to_plain(config), sort_keys=False)
     atomic_write(path, lambda handle: handle.write(text.encode()))

@@ -12,7 +12,11 @@ the SMD authors' ``HyperNet``.
   ``first_stage_model.*`` keys are used and every other key is ignored (the same for our
   stage-2 checkpoints, whose ``first_stage_config`` hyper-parameter gives the architecture);
 - a diffusers ``AutoencoderKL`` folder (``config.json`` + ``diffusion_pytorch_model.safetensors``,
-  the format of Stable Diffusion's VAE); its ``scaling_factor`` is returned.
+  the format of Stable Diffusion's VAE).
+
+With the autoencoder it returns the latent scale factors the first stage's files record
+(:class:`RecordedScales`); which value stage 2 uses is decided in one place,
+:func:`ldm_smd.models.first_stage.resolve_scale_factor`.
 
 Loading is strict (missing or unexpected keys are an error listing them) and never runs code:
 safetensors, or ``torch.load(weights_only=True)`` through :mod:`ldm_smd.checkpoints`.
@@ -26,14 +30,16 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 
-from ldm_smd.checkpoints import CheckpointError, atomic_write, load_checkpoint
+from ldm_smd.checkpoints import CheckpointError, load_checkpoint
 from ldm_smd.checkpoints import load_state_dict_strict as _load_strict
+from ldm_smd.fileio import atomic_write
 from ldm_smd.nn.autoencoder import AutoencoderKL
 from ldm_smd.nn.smd import Hypernetwork
 
@@ -44,6 +50,25 @@ _LDM_PREFIX = "first_stage_model."
 # diffusers names for the pieces of our (CompVis) names, applied in order
 _ATTN = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
 _LEGACY_ATTN = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
+@dataclass(frozen=True)
+class RecordedScales:
+    """The latent scale factors a first stage's own files record (``None``: none recorded).
+
+    Only what the files say: none of them is preferred here.
+
+    Args:
+        diffusers: ``scaling_factor`` of a diffusers folder's ``config.json``.
+        stage2: the ``scale_factor`` a stage-2 checkpoint (ours, or another with the same
+            hyper-parameters) used as a first stage recorded.
+        config_yaml: ``model.params.scale_factor`` of the CompVis ``config.yaml`` beside a
+            checkpoint (read where the architecture comes from it).
+    """
+
+    diffusers: float | None = None
+    stage2: float | None = None
+    config_yaml: float | None = None
 
 
 def build_autoencoder(*, ddconfig: dict, embed_dim: int) -> AutoencoderKL:
@@ -65,12 +90,14 @@ def _freeze(autoencoder: AutoencoderKL) -> AutoencoderKL:
 
 def load_first_stage(
     path: str | Path, *, ddconfig: dict | None = None, embed_dim: int | None = None
-) -> tuple[AutoencoderKL, float | None]:
-    """``(autoencoder in eval mode with frozen weights, scale factor or None)`` from ``path``
-    (our ``.ckpt``, a CompVis ``model.ckpt`` or a diffusers folder; see the module docstring)."""
+) -> tuple[AutoencoderKL, RecordedScales]:
+    """``(autoencoder in eval mode with frozen weights, the scale factors its files record)``
+    from ``path`` (our ``.ckpt``, a CompVis ``model.ckpt`` or a diffusers folder; see the module
+    docstring)."""
     path = Path(path)
     if path.is_dir():
-        return load_diffusers(path)
+        autoencoder, scaling_factor = load_diffusers(path)
+        return autoencoder, RecordedScales(diffusers=scaling_factor)
     if not path.exists():
         raise CheckpointError(
             f"first stage {path} not found: expected our stage-1 .ckpt, a CompVis model.ckpt "
@@ -82,7 +109,7 @@ def load_first_stage(
     state = ckpt.get("state_dict", ckpt)
     hparams = ckpt.get("hyper_parameters") or {}
     ignore: tuple[str, ...] = IGNORED_PREFIXES
-    ldm_scale = None
+    stage2_scale = config_scale = None
     if not any(k.startswith("encoder.") for k in state):
         # a whole latent-diffusion model (CompVis's, or our stage 2): keep its first stage only
         for prefix in (_LDM_PREFIX + "autoencoder.", _LDM_PREFIX):
@@ -90,19 +117,20 @@ def load_first_stage(
                 state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
                 break
         if isinstance(hparams, Mapping) and isinstance(hparams.get("first_stage_config"), Mapping):
-            ldm_scale = hparams.get("scale_factor")
+            stage2_scale = hparams.get("scale_factor")
             hparams = hparams["first_stage_config"]
-    scale = float(ldm_scale) if ldm_scale is not None else None
     if isinstance(hparams, Mapping) and "ddconfig" in hparams and "embed_dim" in hparams:
         arch = {"ddconfig": hparams["ddconfig"], "embed_dim": hparams["embed_dim"]}
     elif ddconfig is not None and embed_dim is not None:
         arch = {"ddconfig": ddconfig, "embed_dim": embed_dim}
     else:
         arch, config_scale = _compvis_config(path)
-        scale = scale if config_scale is None else config_scale
     autoencoder = build_autoencoder(**arch)
     _load_strict(autoencoder, state, ignore_prefixes=ignore, source=str(path))
-    return _freeze(autoencoder), scale
+    recorded = RecordedScales(
+        stage2=float(stage2_scale) if stage2_scale is not None else None, config_yaml=config_scale
+    )
+    return _freeze(autoencoder), recorded
 
 
 def _compvis_config(ckpt_path: Path) -> tuple[dict[str, Any], float | None]:

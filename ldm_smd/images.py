@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ldm_smd.checkpoints import atomic_write
 from ldm_smd.errors import OutputError, describe_os_error
+from ldm_smd.fileio import atomic_write
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

@@ -2,8 +2,8 @@
 
 :func:`to_json` makes strict JSON out of results: NaN and infinities become ``null`` (so the file
 parses everywhere), numpy and torch scalars and arrays become numbers and lists, paths and other
-objects their ``str``. :func:`write_json` writes atomically (:func:`ldm_smd.checkpoints.
-atomic_write`), so a reader never sees half a file.
+objects their ``str``. :func:`write_json` writes atomically
+(:func:`ldm_smd.fileio.atomic_write`), so a reader never sees half a file.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ldm_smd.checkpoints import atomic_write
+from ldm_smd.fileio import atomic_write
 
 
 def to_json(value: Any) -> Any:

@@ -1,5 +1,6 @@
 """The latent scale factor: ``1 / std`` of a first stage's latents, the ``scale-factor``
-command that estimates it on a config's data, and writing it into a config.
+command that estimates it on a config's data, and writing it into a config (with ruamel.yaml's
+round trip, which keeps the file's comments and key order).
 
 The estimate uses *sampled* latents ``z ~ q(z | x)`` (mean + std * eps), because that is what the
 stage-2 model is trained on when the first stage samples its posterior (CompVis's convention;
@@ -9,16 +10,22 @@ deviation is taken over every element of every batch together (not per channel),
 
 from __future__ import annotations
 
+import io
 import itertools
+import math
 import re
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
+from ruamel.yaml import YAML, YAMLError
+from ruamel.yaml.representer import RoundTripRepresenter
 from torch import nn
 
-from ldm_smd.checkpoints import atomic_write
+from ldm_smd.errors import UsageError
+from ldm_smd.fileio import atomic_write
 from ldm_smd.rng import GeneratorLike
 
 
@@ -53,48 +60,6 @@ def estimate_scale_factor(
     return float(var**-0.5)
 
 
-def _edit_in_place(text: str, value: float) -> str | None:
-    """``text`` with ``model.params.scale_factor`` set by editing that one line (or inserting it
-    under ``params:``), keeping comments and layout; ``None`` where the layout is too unusual."""
-    lines = text.splitlines(keepends=True)
-    path: list[tuple[int, str]] = []  # (indent, key) of the enclosing block keys
-    params_line = None
-    for i, line in enumerate(lines):
-        stripped = line.strip()
-        if not stripped or stripped.startswith("#"):
-            continue
-        indent = len(line) - len(line.lstrip(" "))
-        match = re.match(r"([A-Za-z_][\w-]*)\s*:(\s*(#.*)?)?$|([A-Za-z_][\w-]*)\s*:\s", stripped)
-        if not match or stripped.startswith("-"):
-            continue
-        key = match.group(1) or match.group(4)
-        while path and path[-1][0] >= indent:
-            path.pop()
-        keys = [k for _, k in path]
-        if keys == ["model", "params"] and key == "scale_factor":
-            head = line[: indent] + "scale_factor: "
-            comment = re.search(r"\s+#.*$", line.rstrip("\n"))
-            tail = (comment.group(0) if comment else "") + "\n"
-            lines[i] = f"{head}{value!r}{tail}"
-            return "".join(lines)
-        if match.group(1):  # a key opening a block
-            path.append((indent, key))
-            if [k for _, k in path] == ["model", "params"]:
-                params_line = i
-    if params_line is None:
-        return None
-    child_indent = None
-    for line in lines[params_line + 1:]:
-        if line.strip() and not line.strip().startswith("#"):
-            child_indent = len(line) - len(line.lstrip(" "))
-            break
-    parent_indent = len(lines[params_line]) - len(lines[params_line].lstrip(" "))
-    if child_indent is None or child_indent <= parent_indent:
-        return None
-    lines.insert(params_line + 1, " " * child_indent + f"scale_factor: {value!r}\n")
-    return "".join(lines)
-
-
 def check_stage2_config(config_path: str | Path) -> tuple[str, dict]:
     """``(text, parsed)`` of a config that can take ``model.params.scale_factor``: its model
     block is a stage-2 model (the target accepts ``scale_factor``) with a real first stage.
@@ -110,6 +75,11 @@ def check_stage2_config(config_path: str | Path) -> tuple[str, dict]:
         config = yaml.safe_load(original)
     except yaml.YAMLError as exc:
         raise ConfigError(f"--write {path} could not be parsed: {exc}") from exc
+    try:
+        _round_trip(original)  # what write_scale_factor edits: refused now, before any work
+    except YAMLError as exc:
+        raise ConfigError(f"--write {path} cannot be rewritten keeping its comments: "
+                          f"{_problem(exc)}") from exc
     model = config.get("model") if isinstance(config, dict) else None
     if not isinstance(model, dict):
         raise ConfigError(f"--write {path}: no 'model' block to put model.params.scale_factor in")
@@ -136,24 +106,102 @@ def check_stage2_config(config_path: str | Path) -> tuple[str, dict]:
     return original, config
 
 
+_KEY_OPENING_A_BLOCK = re.compile(r"[^\s#-][^#]*:\s*(#.*)?")
+
+
+def _indentation(text: str) -> tuple[int, int, int]:
+    """``(mapping, sequence, offset)`` indentation of block-style YAML ``text``, as
+    ``ruamel.yaml.YAML.indent`` takes them: how far a nested key stands in from its parent key,
+    how far a block sequence's item content does, and its dash (defaults 2, 2, 0)."""
+    mapping = sequence = offset = None
+    parent = None  # the indentation of the line before, where that line opened a block
+    for line in text.splitlines():
+        body = line.strip()
+        if not body or body.startswith("#"):
+            continue
+        indent = len(line) - len(line.lstrip(" "))
+        if parent is not None and body.startswith("- ") and offset is None and indent >= parent:
+            item = body[1:]
+            offset = indent - parent
+            sequence = offset + 1 + len(item) - len(item.lstrip(" "))
+        elif parent is not None and indent > parent and mapping is None:
+            mapping = indent - parent
+        parent = indent if _KEY_OPENING_A_BLOCK.fullmatch(body) else None
+    return mapping or 2, sequence or 2, offset or 0
+
+
+def _problem(exc: YAMLError) -> str:
+    """What ruamel.yaml found wrong, and on which line."""
+    problem, mark = getattr(exc, "problem", None), getattr(exc, "problem_mark", None)
+    if problem and mark is not None:
+        return f"{problem} (line {mark.line + 1})"
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def _round_trip(text: str) -> tuple[YAML, Any]:
+    """A ruamel.yaml round-trip reader/writer set to ``text``'s indentation, and its document
+    (comments, key order, flow style and quoting kept)."""
+    mapping, sequence, offset = _indentation(text)
+    rt = YAML(typ="rt")
+    rt.indent(mapping=mapping, sequence=sequence, offset=offset)
+    rt.width = 4096  # never re-wrap a long line
+    rt.preserve_quotes = True
+    rt.Representer = _Representer
+    return rt, rt.load(text)
+
+
+def _yaml11_float(representer: RoundTripRepresenter, value: float) -> Any:
+    """A float as text that YAML 1.1 readers (PyYAML, OmegaConf) also read as a float: they need
+    a dot in the mantissa (``1.0e-05``, not ``1e-05``)."""
+    text = repr(float(value))
+    mantissa, e, exponent = text.partition("e")
+    if e and "." not in mantissa:
+        text = f"{mantissa}.0e{exponent}"
+    return representer.represent_scalar("tag:yaml.org,2002:float", text)
+
+
+class _Representer(RoundTripRepresenter):
+    """ruamel.yaml's round-trip representer, writing new floats with :func:`_yaml11_float` (the
+    floats read from the file keep their own text); a subclass, so ruamel's own is unchanged."""
+
+
+_Representer.add_representer(float, _yaml11_float)
+
+
 def write_scale_factor(config_path: str | Path, value: float) -> Path:
     """Set ``model.params.scale_factor`` in the stage-2 YAML file ``config_path`` to ``value``.
 
-    The file is edited in place where its layout allows (comments and order kept), otherwise
-    re-serialised; either way the result is checked to parse to the old content plus the new
-    value. The new file is written to a temporary name in the same folder, then renamed.
-    A config that is not a stage-2 one is refused (:func:`check_stage2_config`).
+    The file is rewritten by ruamel.yaml's round trip, so comments, key order, indentation and
+    flow style stay as they were; a new ``scale_factor`` goes right after ``first_stage``. Before
+    anything is written the result is checked to read, with PyYAML (the YAML 1.1 reader under
+    :func:`ldm_smd.config.load_config`), as the old content plus the new value; it is written to
+    a temporary name in the same folder, then renamed. A config that is not a stage-2 one is refused
+    (:func:`check_stage2_config`), as is a value that is not a finite number above 0.
     """
+    from ldm_smd.config import ConfigError
+
     path = Path(config_path)
-    original, config = check_stage2_config(path)
-    model = config["model"]
-    if model.get("params") is None:
-        model["params"] = {}
     value = float(value)
-    model["params"]["scale_factor"] = value
-    text = _edit_in_place(original, value)
-    if text is None or yaml.safe_load(text) != config:
-        text = yaml.safe_dump(config, sort_keys=False, default_flow_style=None)
+    if not (math.isfinite(value) and value > 0):
+        raise UsageError(f"scale factor {value!r} for {path}: must be a finite number above 0")
+    original, expected = check_stage2_config(path)
+    expected["model"]["params"]["scale_factor"] = value
+    rt, document = _round_trip(original)
+    params = document["model"]["params"]
+    if "scale_factor" in params:
+        params["scale_factor"] = value
+    else:
+        params.insert(list(params).index("first_stage") + 1, "scale_factor", value)
+    stream = io.StringIO()
+    rt.dump(document, stream)
+    text = stream.getvalue()
+    if yaml.safe_load(text) != expected:
+        raise ConfigError(
+            f"--write {path}: writing model.params.scale_factor back would change other values "
+            "of this file (YAML that reads differently in version 1.1 and 1.2); nothing was "
+            "written: put the value there by hand"
+        )
     return atomic_write(path, lambda handle: handle.write(text.encode()))
 
 
@@ -165,10 +213,10 @@ def scale_factor_command(
 
     Everything is checked before the estimate: ``batches``, the ``write`` target (a stage-2
     config, writable), the data config, the checkpoint and the dataset."""
-    from ldm_smd.checkpoints import check_writable
     from ldm_smd.config import ConfigError, load_config
     from ldm_smd.convert import load_first_stage
-    from ldm_smd.errors import DataError, UsageError
+    from ldm_smd.errors import DataError
+    from ldm_smd.fileio import check_writable
     from ldm_smd.train import build_block, setup_data
 
     if batches < 1:

@@ -24,14 +24,13 @@ from tqdm import tqdm
 
 from ldm_smd.checkpoints import (
     CheckpointError,
-    atomic_write,
-    check_writable,
     load_checkpoint,
     load_state_dict_strict,
 )
 from ldm_smd.devices import resolve_device
 from ldm_smd.diffusion.samplers import SAMPLERS, SPACINGS
 from ldm_smd.errors import OutputError, UsageError
+from ldm_smd.fileio import atomic_write, check_writable
 from ldm_smd.images import save_grid, save_singles, to_uint8
 from ldm_smd.models.diffusion import LatentDiffusion
 from ldm_smd.rng import row_generators

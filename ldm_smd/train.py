@@ -41,7 +41,6 @@ from ldm_smd.callbacks import (
 from ldm_smd.checkpoints import (
     CheckpointError,
     check_state_dict,
-    check_writable,
     load_checkpoint,
 )
 from ldm_smd.config import ConfigError, instantiate, load_config, save_config
@@ -54,6 +53,7 @@ from ldm_smd.errors import (
     UsageError,
     describe_os_error,
 )
+from ldm_smd.fileio import check_writable
 from ldm_smd.run_folder import (
     LAST,
     existing_run,
@@ -291,7 +291,10 @@ def _check_preview_sampler(model: Any, config: dict[str, Any]) -> None:
 
 def _fit(trainer: L.Trainer, model: Any, datamodule: Any, *, ckpt_path: Path | None,
          run_dir: Path) -> None:
-    """``trainer.fit``; a failed write or a checkpoint that does not fit is a named error."""
+    """``trainer.fit``; a failed write is a named error. A checkpoint to resume from was checked
+    against the model by :func:`check_resume` (in :func:`build_run`, before anything was
+    written: missing, unexpected and mis-shaped keys named), so Lightning's strict load of it
+    here meets the same keys and shapes."""
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
     except OutputError as exc:
@@ -301,13 +304,6 @@ def _fit(trainer: L.Trainer, model: Any, datamodule: Any, *, ckpt_path: Path | N
             raise
         raise OutputError(
             f"could not write {describe_os_error(exc, exc.filename or run_dir)}; {kept(run_dir)}"
-        ) from exc
-    except RuntimeError as exc:
-        if ckpt_path is None or "Error(s) in loading state_dict" not in str(exc):
-            raise
-        raise CheckpointError(
-            f"--resume {ckpt_path}: the checkpoint does not fit the config's model "
-            f"({_first_line(exc)}); {'; '.join(str(exc).splitlines()[1:3]).strip()}"
         ) from exc
 
 

@@ -22,7 +22,6 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from ldm_smd.checkpoints import atomic_write
 from ldm_smd.data.lsun import (
     LMDBError,
     default_index_path,
@@ -31,6 +30,7 @@ from ldm_smd.data.lsun import (
     scan_keys,
     write_index,
 )
+from ldm_smd.fileio import atomic_write
 
 EXTENSIONS = {"WEBP": ".webp", "JPEG": ".jpg", "PNG": ".png", "BMP": ".bmp", "TIFF": ".tif"}
 

@@ -22,7 +22,7 @@ import torch
 import yaml
 from PIL import Image
 
-from ldm_smd import checkpoints
+from ldm_smd import fileio
 from ldm_smd.checkpoints import CheckpointError, load_checkpoint
 from ldm_smd.cli import main as cli
 from ldm_smd.config import ConfigError, instantiate, load_config
@@ -237,7 +237,7 @@ def _full_disk_for(monkeypatch, name_part: str) -> None:
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_fsync(fd)
 
-    monkeypatch.setattr(checkpoints.os, "fsync", fsync)
+    monkeypatch.setattr(fileio.os, "fsync", fsync)
 
 
 def test_disk_full_during_training_names_the_file_and_what_was_kept(

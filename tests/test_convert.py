@@ -1,4 +1,4 @@
-"""Loading first-stage weights (ours, CompVis, diffusers), exporting, and the latent scale."""
+"""Loading first-stage weights (ours, CompVis, diffusers) and what they record, exporting."""
 
 import json
 
@@ -7,16 +7,14 @@ import torch
 import yaml
 
 from ldm_smd.checkpoints import CheckpointError
-from ldm_smd.config import ConfigError
 from ldm_smd.convert import (
+    RecordedScales,
     architecture_of,
     build_autoencoder,
     export_diffusers,
     load_diffusers,
     load_first_stage,
 )
-from ldm_smd.latent_scale import estimate_scale_factor, write_scale_factor
-from ldm_smd.nn.autoencoder import DiagonalGaussianDistribution
 
 DDCONFIG = dict(ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, attn_resolutions=[], z_channels=4,
                 double_z=True, resolution=16, in_channels=3, out_ch=3, dropout=0.0)
@@ -63,8 +61,8 @@ def _diffusers_model():
 def test_diffusers_folder_loads_with_parity(tmp_path):
     _, theirs = _diffusers_model()
     theirs.save_pretrained(tmp_path / "vae")
-    ours, scale = load_first_stage(tmp_path / "vae")
-    assert scale == pytest.approx(0.13025)
+    ours, scales = load_first_stage(tmp_path / "vae")
+    assert scales == RecordedScales(diffusers=pytest.approx(0.13025))
     assert architecture_of(ours)["ddconfig"]["ch_mult"] == [1, 2, 2]
     assert not ours.training and not any(p.requires_grad for p in ours.parameters())
     _assert_same(ours, lambda x: theirs.encode(x).latent_dist.mean,
@@ -80,8 +78,8 @@ def test_export_to_diffusers_round_trips(tmp_path):
     theirs = diffusers.AutoencoderKL.from_pretrained(tmp_path / "export").eval()
     _assert_same(ours, lambda x: theirs.encode(x).latent_dist.mean,
                  lambda z: theirs.decode(z).sample)
-    again, scale = load_first_stage(tmp_path / "export")
-    assert scale == 0.5
+    again, scales = load_first_stage(tmp_path / "export")
+    assert scales == RecordedScales(diffusers=0.5)
     _assert_same(ours, lambda x: again.encode(x).mean, again.decode)
 
 
@@ -148,8 +146,8 @@ def _compvis_checkpoint(tmp_path, ours, *, with_config=True, extra=None):
 def test_compvis_checkpoint_with_config_beside_it(tmp_path):
     ours = _ours()
     path = _compvis_checkpoint(tmp_path, ours)
-    loaded, scale = load_first_stage(path)
-    assert scale is None
+    loaded, scales = load_first_stage(path)
+    assert scales == RecordedScales()  # a first-stage config.yaml records no scale factor
     _assert_same(ours, lambda x: loaded.encode(x).mean, loaded.decode)
 
 
@@ -182,8 +180,8 @@ def test_compvis_ldm_checkpoint_gives_its_first_stage_and_scale(tmp_path):
         "target": "ldm.models.autoencoder.AutoencoderKL",
         "params": {"embed_dim": 4, "ddconfig": DDCONFIG}}}}}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    loaded, scale = load_first_stage(tmp_path / "model.ckpt")
-    assert scale == pytest.approx(0.18215)
+    loaded, scales = load_first_stage(tmp_path / "model.ckpt")
+    assert scales == RecordedScales(config_yaml=pytest.approx(0.18215))
     _assert_same(ours, lambda x: loaded.encode(x).mean, loaded.decode)
 
 
@@ -194,8 +192,8 @@ def test_our_checkpoint_uses_its_hyper_parameters(tmp_path):
     ckpt = {"state_dict": state, "hyper_parameters": {"ddconfig": DDCONFIG, "embed_dim": 4,
                                                        "learning_rate": 1e-4}}
     torch.save(ckpt, tmp_path / "last.ckpt")
-    loaded, scale = load_first_stage(tmp_path / "last.ckpt")
-    assert scale is None
+    loaded, scales = load_first_stage(tmp_path / "last.ckpt")
+    assert scales == RecordedScales()
     _assert_same(ours, lambda x: loaded.encode(x).mean, loaded.decode)
 
 
@@ -211,61 +209,12 @@ def test_checkpoint_that_runs_code_is_refused(tmp_path):
         load_first_stage(tmp_path / "absent.ckpt")
 
 
-class _FixedPosterior(torch.nn.Module):
-    """encode() gives a posterior with mean 0.5 and std 2 everywhere."""
-
-    def __init__(self):
-        super().__init__()
-        self.dummy = torch.nn.Parameter(torch.zeros(()))
-
-    def encode(self, x):
-        mean = torch.full((x.shape[0], 4, 8, 8), 0.5)
-        return DiagonalGaussianDistribution(torch.cat([mean, torch.full_like(mean, 2 * 0.6931472)],
-                                                      dim=1))
-
-
-def test_estimate_scale_factor_is_one_over_latent_std():
-    batches = [torch.zeros(16, 3, 8, 8) for _ in range(4)]
-    gen = torch.Generator().manual_seed(0)
-    value = estimate_scale_factor(_FixedPosterior(), batches, generator=gen)
-    assert value == pytest.approx(0.5, rel=0.02)  # sampled latents: std 2
-    again = estimate_scale_factor(_FixedPosterior(), batches,
-                                  generator=torch.Generator().manual_seed(0))
-    assert again == value
-    with pytest.raises(ValueError, match="variance"):
-        estimate_scale_factor(_FixedPosterior(), batches, sample_posterior=False)
-    with pytest.raises(ValueError, match="empty"):
-        estimate_scale_factor(_FixedPosterior(), [])
-
-
-def test_write_scale_factor_keeps_the_rest_of_the_file(tmp_path):
-    path = tmp_path / "ldm.yaml"
-    text = ("# stage 2\nmodel:\n  target: ldm_smd.models.diffusion.LatentDiffusion  # the model\n"
-            "  params:\n"
-            "    first_stage: a.ckpt\n    scale_factor: 1.0  # estimated\n"
-            "    unet: {target: u, params: {ch: 8}}\ndata:\n  target: d\n")
-    path.write_text(text)
-    write_scale_factor(path, 0.25)
-    new = path.read_text()
-    assert new == text.replace("scale_factor: 1.0", "scale_factor: 0.25")
-    path.write_text(text.replace("    scale_factor: 1.0  # estimated\n", ""))
-    write_scale_factor(path, 0.125)
-    config = yaml.safe_load(path.read_text())
-    assert config["model"]["params"] == {"scale_factor": 0.125, "first_stage": "a.ckpt",
-                                         "unet": {"target": "u", "params": {"ch": 8}}}
-    assert path.read_text().startswith("# stage 2\n")
-    assert [p.name for p in tmp_path.iterdir()] == ["ldm.yaml"]  # no temporary left behind
-    (tmp_path / "bad.yaml").write_text("data: {}\n")
-    with pytest.raises(ConfigError, match="no 'model' block"):
-        write_scale_factor(tmp_path / "bad.yaml", 1.0)
-
-
 def test_our_stage2_checkpoint_gives_its_first_stage(tmp_path):
     ours = _ours()
     state = {f"first_stage_model.autoencoder.{k}": v for k, v in ours.state_dict().items()}
     state["model.diffusion_model.out.weight"] = torch.zeros(2)
     hparams = {"first_stage_config": {"ddconfig": DDCONFIG, "embed_dim": 4}, "scale_factor": 0.3}
     torch.save({"state_dict": state, "hyper_parameters": hparams}, tmp_path / "ldm.ckpt")
-    loaded, scale = load_first_stage(tmp_path / "ldm.ckpt")
-    assert scale == pytest.approx(0.3)
+    loaded, scales = load_first_stage(tmp_path / "ldm.ckpt")
+    assert scales == RecordedScales(stage2=pytest.approx(0.3))
     _assert_same(ours, lambda x: loaded.encode(x).mean, loaded.decode)

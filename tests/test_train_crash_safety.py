@@ -15,7 +15,8 @@ import pytest
 import tiny_configs
 import torch
 
-from ldm_smd.checkpoints import WRITE_PAUSE_ENV, load_checkpoint
+from ldm_smd.checkpoints import load_checkpoint
+from ldm_smd.fileio import WRITE_PAUSE_ENV
 from ldm_smd.train import train
 
 ROOT = tiny_configs.ROOT

@@ -30,8 +30,8 @@ else:  # Python 3.10
 import lmdb
 import numpy as np
 
-from ldm_smd.checkpoints import atomic_write
 from ldm_smd.data.images import EncodedImageDataset, ImageFolder, ImageOptions
+from ldm_smd.fileio import atomic_write
 
 INDEX_HEADER = "# ldm-smd lsun key index v1"
 _SCAN_WARN = 200_000

@@ -20,11 +20,11 @@ from typing import Any
 
 import numpy as np
 
-from ldm_smd.checkpoints import atomic_write, check_writable
 from ldm_smd.devices import resolve_device
 from ldm_smd.errors import OutputError, UsageError
 from ldm_smd.eval import fid
 from ldm_smd.eval.inception import FEATURE_DIM, FIDInception, resolve_weights_path
+from ldm_smd.fileio import atomic_write, check_writable
 
 PREPROCESSING = (
     "uint8 PNG samples; PIL RGB; /255; bilinear resize to 299x299 (align_corners=False, "

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ldm_smd.checkpoints import atomic_write
 from ldm_smd.errors import LdmSmdError
+from ldm_smd.fileio import atomic_write
 
 FID_MIN_SAMPLES = 2048
 FID_STANDARD_SAMPLES = 50_000

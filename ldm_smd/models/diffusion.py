@@ -33,7 +33,12 @@ from ldm_smd.diffusion.samplers import Sampler
 from ldm_smd.diffusion.schedule import NoiseSchedule
 from ldm_smd.models.components import check_model_params, component
 from ldm_smd.models.ema import EMA, check_ema_state
-from ldm_smd.models.first_stage import IDENTITY, FirstStage, build_first_stage
+from ldm_smd.models.first_stage import (
+    IDENTITY,
+    FirstStage,
+    build_first_stage,
+    resolve_scale_factor,
+)
 from ldm_smd.rng import GeneratorLike
 
 #: first keys of the seeds derived from ``seed`` (see :mod:`ldm_smd.rng`)
@@ -66,8 +71,9 @@ class LatentDiffusion(L.LightningModule):
         first_stage_config: the first stage's architecture (``ddconfig``, ``embed_dim``): needed
             for a CompVis checkpoint without a ``config.yaml`` beside it; recorded automatically.
         scale_factor: latents are ``scale_factor * E(x)``; ``None`` takes the first stage's own
-            (a diffusers folder's ``scaling_factor``), else it must be given (``ldm-smd
-            scale-factor`` estimates it). Ignored for the identity.
+            (a diffusers folder's ``scaling_factor``, ...), else it must be given (``ldm-smd
+            scale-factor`` estimates it). Ignored for the identity. The precedence is
+            :func:`~ldm_smd.models.first_stage.resolve_scale_factor`'s.
         parameterization: what the network predicts: ``eps``, ``x0`` or ``v`` (also the
             objective's; the objective block does not repeat it).
         schedule: ``target`` / ``params`` block of the noise schedule (default
@@ -120,23 +126,15 @@ class LatentDiffusion(L.LightningModule):
              "sampler": sampler, "lr_schedule": lr_schedule},
             key="model",
         )
-        autoencoder, own_scale, architecture = build_first_stage(
+        autoencoder, recorded, architecture = build_first_stage(
             first_stage, architecture=first_stage_config, load_weights=load_first_stage_weights
         )
-        if autoencoder is None:
-            scale = 1.0
-        elif scale_factor is not None:
-            scale = float(scale_factor)
-        elif own_scale is not None:
-            scale = float(own_scale)
-        else:
-            raise ValueError(
-                f"model.params.scale_factor is not set and the first stage {first_stage} has "
-                f"none: run `ldm-smd scale-factor --ckpt {first_stage} --config DATA.yaml` "
-                f"and put the value into the config"
-            )
+        scale, source = resolve_scale_factor(
+            first_stage, configured=scale_factor, recorded=recorded
+        )
         if autoencoder is not None:
-            print(f"[ldm-smd] first stage {first_stage}: latent scale factor {scale:.6g}")
+            print(f"[ldm-smd] first stage {first_stage}: latent scale factor {scale:.6g} "
+                  f"({source})")
         self.save_hyperparameters()
         self.hparams["first_stage_config"] = architecture
         self.hparams["scale_factor"] = scale if autoencoder is not None else scale_factor

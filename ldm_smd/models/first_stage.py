@@ -2,18 +2,24 @@
 
 ``FirstStage.encode`` maps images in ``[-1, 1]`` to latents already multiplied by
 ``scale_factor``; ``decode`` inverts it. Swapping latent diffusion for pixel-space DDPM is the
-one config key ``first_stage: identity``.
+one config key ``first_stage: identity``. Which scale factor is used is decided in one place,
+:func:`resolve_scale_factor`.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from ldm_smd.config import ConfigError
 from ldm_smd.rng import GeneratorLike
+
+if TYPE_CHECKING:
+    from ldm_smd.convert import RecordedScales
 
 IDENTITY = "identity"
 
@@ -67,17 +73,63 @@ class FirstStage(nn.Module):
         return self.autoencoder.decode(latents / self.scale_factor)
 
 
+def resolve_scale_factor(
+    first_stage: str, *, configured: float | None, recorded: RecordedScales | None = None
+) -> tuple[float, str]:
+    """The latent scale factor stage 2 uses, and where it came from. The one place that decides,
+    in this order:
+
+    0. the identity first stage (pixel space): always 1 (``configured`` is ignored);
+    1. ``model.params.scale_factor`` (``configured``), when set;
+    2. else the first stage's own (``recorded``, what :func:`ldm_smd.convert.load_first_stage`
+       found): a diffusers folder's ``scaling_factor``; else the ``scale_factor`` a stage-2
+       checkpoint used as first stage recorded; else the ``scale_factor`` of the CompVis
+       ``config.yaml`` beside the checkpoint (the checkpoint's own record comes first: it is what
+       its weights were trained with);
+    3. else a :class:`~ldm_smd.config.ConfigError` that says to run ``ldm-smd scale-factor``.
+
+    The value that wins must be a finite number above 0 (else a ``ConfigError`` naming where it
+    came from).
+    """
+    if first_stage == IDENTITY:
+        return 1.0, "pixel space: identity first stage"
+    candidates = [(configured, "model.params.scale_factor")]
+    if recorded is not None:
+        candidates += [
+            (recorded.diffusers, f"scaling_factor of {first_stage}/config.json"),
+            (recorded.stage2, f"scale_factor recorded in the stage-2 checkpoint {first_stage}"),
+            (recorded.config_yaml, f"model.params.scale_factor of the config.yaml beside "
+                                   f"{first_stage}"),
+        ]
+    for value, source in candidates:
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float) or not (
+                math.isfinite(value) and value > 0):
+            raise ConfigError(
+                f"latent scale factor {value!r} ({source}): must be a finite number above 0"
+            )
+        return float(value), source
+    raise ConfigError(
+        f"model.params.scale_factor is not set and the first stage {first_stage} records none: "
+        f"run `ldm-smd scale-factor --ckpt {first_stage} --config DATA.yaml --write STAGE2.yaml` "
+        f"(or put the value it prints into model.params.scale_factor)"
+    )
+
+
 def build_first_stage(
     source: str,
     *,
     architecture: dict[str, Any] | None,
     load_weights: bool,
-) -> tuple[nn.Module | None, float | None, dict[str, Any] | None]:
-    """Resolve ``source`` into ``(autoencoder, its own scale factor, architecture)``.
+) -> tuple[nn.Module | None, RecordedScales | None, dict[str, Any] | None]:
+    """Resolve ``source`` into ``(autoencoder, the scale factors its files record,
+    architecture)``; :func:`resolve_scale_factor` decides which scale is used.
 
     ``source`` is ``identity``, our stage-1 checkpoint, a CompVis ``model.ckpt`` or a diffusers
     folder. With ``load_weights=False`` (rebuilding a stage-2 checkpoint that already holds the
-    first stage's weights) the architecture recorded in that checkpoint is used instead.
+    first stage's weights) the architecture recorded in that checkpoint is used instead, and no
+    file is read (the recorded scales are ``None``).
     """
     if source == IDENTITY:
         return None, None, None
@@ -90,12 +142,12 @@ def build_first_stage(
                 f"CompVis model.ckpt or a diffusers AutoencoderKL folder, or 'identity' for "
                 f"pixel space (model.params.first_stage)"
             )
-        autoencoder, scale = convert.load_first_stage(
+        autoencoder, recorded = convert.load_first_stage(
             source,
             ddconfig=(architecture or {}).get("ddconfig"),
             embed_dim=(architecture or {}).get("embed_dim"),
         )
-        return autoencoder, scale, convert.architecture_of(autoencoder)
+        return autoencoder, recorded, convert.architecture_of(autoencoder)
     if architecture is None:
         raise ValueError(
             "cannot rebuild the first stage: the checkpoint records no first-stage architecture"

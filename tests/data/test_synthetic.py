@@ -18,10 +18,36 @@ def test_item_format_and_range():
 
 
 @pytest.mark.parametrize("size", [8, 17, 48])
-def test_any_size(size):
-    img = SyntheticShapes(size=size, length=4)[1]["image"]
-    assert img.shape == (3, size, size)
-    assert torch.isfinite(img).all()
+def test_any_size_keeps_the_documented_promises(size):
+    blocks = 6
+    ds = SyntheticShapes(size=size, length=blocks * 48, seed=3)
+    p = ds.num_prototypes
+    images, labels = ds.render(range(len(ds)))
+    # float32 (3, size, size) in [-1, 1], and the range is used: dark backgrounds, bright shapes
+    assert images.shape == (blocks * p, 3, size, size) and images.dtype == torch.float32
+    assert images.min() >= -1.0 and images.max() <= 1.0
+    assert images.min() < -0.5 and images.max() > 0.5
+    # balanced labels: every block of num_prototypes indices holds each prototype once
+    assert torch.equal(labels.view(blocks, p).sort(dim=1).values,
+                       torch.arange(p).expand(blocks, p))
+    # the classes differ from each other: the class means of the first half of the items name
+    # the class of most items of the second half (chance: 1 in 48)
+    flat = images.flatten(1)
+    fit, held_out = slice(0, blocks // 2 * p), slice(blocks // 2 * p, None)
+    means = torch.stack([flat[fit][labels[fit] == k].mean(0) for k in range(p)])
+    named = torch.cdist(flat[held_out], means).argmin(1)
+    assert (named == labels[held_out]).float().mean() > 0.5
+    # the same seed gives the same images (a new dataset, in a batch and one by one) ...
+    again = SyntheticShapes(size=size, length=blocks * 48, seed=3)
+    assert torch.equal(again.render(range(len(ds)))[0], images)
+    for i in (0, 5, len(ds) - 1):
+        item = again[i]
+        assert torch.allclose(item["image"], images[i], atol=1e-5) and item["label"] == labels[i]
+    # ... and another seed others: every image, and the order of the labels
+    other, other_labels = SyntheticShapes(size=size, length=blocks * 48, seed=4).render(
+        range(len(ds)))
+    assert not any(torch.equal(a, b) for a, b in zip(other, images, strict=True))
+    assert not torch.equal(other_labels, labels)
 
 
 def test_same_seed_and_index_give_the_same_image():

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ldm_smd.convert import load_first_stage
+from ldm_smd.convert import RecordedScales, load_first_stage
 from ldm_smd.models.autoencoder import AutoencoderKL as AutoencoderModule
 from ldm_smd.nn.autoencoder import AutoencoderKL, DiagonalGaussianDistribution, check_ddconfig
 
@@ -120,8 +120,8 @@ def test_fit_without_gan_or_lpips(tmp_path):
     assert ckpt["hyper_parameters"]["ddconfig"]["ch_mult"] == [1, 2]
     assert ckpt["hyper_parameters"]["lossconfig"]["params"]["disc_weight"] == 0.0
     # and it is a first stage for stage 2
-    autoencoder, scale = load_first_stage(path)
-    assert scale is None and not autoencoder.training
+    autoencoder, scales = load_first_stage(path)
+    assert scales == RecordedScales() and not autoencoder.training
     x = torch.rand(2, 3, 16, 16) * 2 - 1
     module.eval()
     with torch.no_grad():
