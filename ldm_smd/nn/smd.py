@@ -137,7 +137,9 @@ class SMDNetwork(nn.Module):
     With ``num_eta_samples = M > 1`` it returns ``M * B`` rows, row ``i + m * B`` being example
     ``i`` under its ``m``-th draw of ``eta`` (per-row generators are tiled with
     :func:`ldm_smd.rng.repeat_generators`, so the ``M`` draws of a row are consecutive draws of
-    its generator); with placement ``"output"`` the backbone runs once for all ``M``.
+    its generator); with placement ``"output"`` the backbone runs once for all ``M``. The class
+    attribute ``draws_eta = True`` declares this (read by the multi-eta objectives and the
+    config check: :func:`ldm_smd.diffusion.multi_eta.draws_eta`).
 
     Args:
         backbone: the denoiser; must expose ``in_channels``, ``model_channels``,
@@ -154,6 +156,8 @@ class SMDNetwork(nn.Module):
         hypernet_init: ``"default"`` (the authors') or ``"zero"`` (identity at initialisation).
         generator_global_context: images: give ``g`` a global path (see :class:`LatentGenerator`).
     """
+
+    draws_eta = True
 
     def __init__(
         self,
