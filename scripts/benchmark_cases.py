@@ -16,6 +16,7 @@ from torch import nn
 
 from ldm_smd.diffusion.objectives import build_objective
 from ldm_smd.diffusion.schedule import NoiseSchedule
+from ldm_smd.nn import kernels as nn_kernels
 from ldm_smd.nn.smd import Hypernetwork, SMDNetwork
 from ldm_smd.nn.unet import UNetModel
 from ldm_smd.rng import repeat_rows
@@ -158,10 +159,12 @@ def objective_for(name: str):
 
 @dataclass
 class CaseState:
-    """Everything one case needs to run train and sample steps."""
+    """Everything one case needs to run train and sample steps, under its kernel set ``kernels``
+    (a spec of :func:`ldm_smd.nn.kernels.parse`)."""
 
     name: str
     width: int
+    kernels: str
     net: nn.Module
     objective: object
     eta_samples: int
@@ -183,19 +186,22 @@ class CaseState:
     def train_step(self) -> None:
         self.net.train()
         self.optimizer.zero_grad(set_to_none=True)
-        loss, _ = self.objective(self.net, self.x0, schedule=self.schedule,
-                                 generator=self.generator)
-        loss.backward()
+        with nn_kernels.use(self.kernels):
+            loss, _ = self.objective(self.net, self.x0, schedule=self.schedule,
+                                     generator=self.generator)
+            loss.backward()
         self.optimizer.step()
 
     def sample_step(self) -> None:
         self.net.eval()
-        with torch.no_grad():
+        with torch.no_grad(), nn_kernels.use(self.kernels):
             self.net(self.x_t, self.t, generator=self.generator)
 
 
-def make_state(name: str, width: int, *, batch: int = 16, image_size: int = 32) -> CaseState:
-    """Build case ``name``: network, objective, AdamW, fixed data in [-1, 1], a generator."""
+def make_state(name: str, width: int, *, batch: int = 16, image_size: int = 32,
+               kernels: str = "all") -> CaseState:
+    """Build case ``name``: network, objective, AdamW, fixed data in [-1, 1], a generator; its
+    steps run under the kernel set ``kernels``."""
     net = build_network(name, width, image_size)
     objective, eta_samples = objective_for(name)
     data = torch.Generator().manual_seed(1)
@@ -209,7 +215,7 @@ def make_state(name: str, width: int, *, batch: int = 16, image_size: int = 32) 
         if not all(m.dense_calls for m in net.hypernets.values()):
             raise RuntimeError("benchmark: SMDNetwork no longer calls Hypernetwork.forward or "
                                ".modulate, so DenseHypernetwork is bypassed; update it")
-    return CaseState(name=name, width=width, net=net, objective=objective,
+    return CaseState(name=name, width=width, kernels=kernels, net=net, objective=objective,
                      eta_samples=eta_samples, x0=x0, x_t=x_t, t=t, schedule=schedule,
                      generator=torch.Generator().manual_seed(2),
                      optimizer=torch.optim.AdamW(net.parameters(), lr=1e-4))
