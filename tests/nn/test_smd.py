@@ -259,16 +259,9 @@ def test_latent_generator_runs_its_declared_head(path):
     torch.nn.init.normal_(gen.enc0.out_layers[3].weight, std=0.3)  # zero-initialised
     eta = torch.randn(X.shape, generator=torch.Generator().manual_seed(1))
     before = gen(eta, X, T)
-    if path == "conv_out":
-        replacement = torch.nn.Conv2d(24, 5, 1)
-    else:
-        replacement = torch.nn.Identity()
-    parent, _, name = path.rpartition(".")
-    owner = gen.get_submodule(parent)
-    if name.isdigit():
-        owner[int(name)] = replacement
-    else:
-        setattr(owner, name, replacement)
+    parent, _, name = path.rpartition(".")  # setattr replaces a Sequential's "1" as well
+    setattr(gen.get_submodule(parent), name,
+            torch.nn.Conv2d(24, 5, 1) if name == "conv_out" else torch.nn.Identity())
     assert not torch.allclose(gen(eta, X, T), before, atol=1e-4)
 
 

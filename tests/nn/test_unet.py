@@ -153,12 +153,9 @@ def test_resblock_runs_its_declared_layers(kw, path, replacement):
 
 
 def _replace(module, path, replacement):
+    """Put ``replacement`` at ``path`` (a Sequential's index included: setattr "1" replaces it)."""
     parent, _, name = path.rpartition(".")
-    owner = module.get_submodule(parent)
-    if name.isdigit():
-        owner[int(name)] = replacement
-    else:
-        setattr(owner, name, replacement)
+    setattr(module.get_submodule(parent), name, replacement)
 
 
 @pytest.mark.parametrize(("path", "replacement"), [
