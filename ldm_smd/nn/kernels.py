@@ -14,24 +14,34 @@ The switch, read once when this module is imported: the environment variable
 times the cases under one or more kernel sets, interleaved, so each kernel can be kept only where
 it pays.
 
-The kernels (figures from ``scripts/benchmark.py --widths 64 --cases vanilla smd_paper
-smd_energy_M4 --reps 3 --warmup 1``, 2-core CPU, fp32, batch 16, 32x32; "train" is the whole
-training step, "sample" one network call without autograd):
+The kernels. Figures: ``scripts/benchmark.py --widths 64 --cases vanilla smd_paper
+smd_energy_M4 --reps 3 --warmup 1 --memory none --kernels all none all,-NAME ...`` (2-core CPU
+shared with other jobs, load average 4 to 8, fp32, batch 16, 32x32), process CPU time of the
+step with the kernel switched off over all kernels on, two runs, train / sample; the noise of
+such a ratio there is about +-7% (vanilla, which no SMD kernel touches, moved 0.97-1.08x).
+All kernels off: vanilla 1.06-1.13 / 1.08-1.15, smd_paper 1.10-1.14 / 1.07-1.22, smd_energy_M4
+1.13-1.19 / 1.07-1.08. To be re-measured on a quiet machine before a kernel is kept or dropped.
 
 - ``rank_one_chain``: ``r <- M_L .. M_1 r`` with a hand-written backward (fewer full-size passes
-  than autograd's) and, without autograd, in place.
+  than autograd's) and, without autograd, in place. Off: smd_paper 0.97-1.07 / 0.99-1.17,
+  smd_energy_M4 0.98-1.05 / 1.01-1.02 (within the noise).
 - ``scaled_tanh``: the bounded vectors ``tanh(x) / sqrt(d)`` as ``2 c sigmoid(2 x) - c``: the
   factor 2 goes into the affine map before it, the rest is one fused pass (in place without
-  autograd); sigmoid is the faster CPU kernel (about 5x on 3M elements).
+  autograd); sigmoid is the faster CPU kernel (about 5x on 3M elements). Off: smd_paper
+  0.96-1.03 / 0.95-1.09, smd_energy_M4 0.95-1.05 / 0.97-1.07 (within the noise).
 - ``pointwise_bmm``: 1x1 convolutions and per-position linear maps over flattened positions as
   one batched matmul (1.5-2x faster than the 1x1 convolution forward + backward at 64-256
-  channels).
+  channels). Off: vanilla 1.08-1.10 / 1.06-1.21, smd_paper 1.04-1.14 / 1.03-1.15,
+  smd_energy_M4 1.04-1.29 / 0.96-1.09: the one kernel that pays beyond the noise here.
 - ``head_fold``: SMD's vectors ``W_l z + w_l`` at a site computed from the generator's features
   ``h`` with its linear head ``z = G h + g`` folded in, ``(W G) h + (W g + w)``, where that is
   the cheaper (``K F <= d (F + K)`` multiply-adds per position, ``K = L d``); average pooling to a
-  coarser site commutes with it.
-- ``inplace_add``: residual and embedding additions in the UNet's blocks written in place into
-  a fresh convolution output instead of allocating a new tensor.
+  coarser site commutes with it. Off: smd_paper 0.94-1.03 / 0.97-1.07, smd_energy_M4
+  0.98-1.02 / 0.96-1.03 (within the noise).
+- ``inplace_add``: ResBlock's embedding and residual additions written into the fresh output
+  of its convolution instead of a new tensor. Off: vanilla 0.98-1.05 / 1.02-1.07, smd_energy_M4
+  0.97 / 0.98-1.03 (within the noise); peak memory of a vanilla train step 505 MB off against
+  461 MB on, but 884 against 923 MB for smd_energy_M4 (one run each).
 """
 
 from __future__ import annotations
