@@ -3,6 +3,7 @@
     python scripts/benchmark.py --out bench/benchmark.json            # full run (make bench)
     python scripts/benchmark.py --quick                                # small, fast run
     python scripts/benchmark.py --widths 64 128 --reps 5 --batch 16
+    python scripts/benchmark.py --widths 64 --kernels all none all,-head_fold   # kernel sets
 
 Cases per width ``w`` (32x32x3 inputs, CIFAR-like DDPM backbone: channel_mult 1,2,2,2,
 num_res_blocks 2, attention at 16x16, one head; the same backbone in every case):
@@ -21,6 +22,11 @@ num_res_blocks 2, attention at 16x16, one head; the same backbone in every case)
 - ``diffusers_unet2d``: diffusers' UNet2DModel with the same layout (block_out_channels
   ``w * (1, 2, 2, 2)``, 2 layers per block, attention at 16x16, one head), which has exactly
   our vanilla's parameter count; objective ``vanilla``.
+
+Kernels (``--kernels SPEC ...``, :mod:`ldm_smd.nn.kernels`): every case is built once per kernel
+set and its steps run under that set; ratios are against the vanilla of the same width and
+kernel set, and each further set is compared with the first, case by case, so a kernel is kept
+only where it pays.
 
 Timing: every case is built once in this process and timed round-robin (rep r runs every
 case once, in an order rotated by r), so all cases see the same machine load; the median over
@@ -65,6 +71,7 @@ from benchmark_memory import THREADS, measure_memory  # noqa: E402
 from benchmark_report import goals, make_rows, markdown_table  # noqa: E402
 
 from ldm_smd.jsonio import write_json  # noqa: E402
+from ldm_smd.nn import kernels as nn_kernels  # noqa: E402
 from ldm_smd.nn.unet import UNetModel  # noqa: E402
 
 
@@ -95,8 +102,14 @@ def time_round_robin(states: list[CaseState], *, reps: int, warmup: int,
 
 
 def run(*, widths: list[int], cases: list[str], reps: int, warmup: int, batch: int,
-        image_size: int, memory: str, threads: int = THREADS, log=print) -> dict:
-    """Build, time and (optionally) measure memory of every case; return the JSON payload."""
+        image_size: int, memory: str, threads: int = THREADS, kernel_sets: list[str] | None = None,
+        log=print) -> dict:
+    """Build, time and (optionally) measure memory of every case under every kernel set
+    (specs of :func:`ldm_smd.nn.kernels.parse`; default: the process's own set); return the
+    JSON payload."""
+    kernel_sets = kernel_sets or [",".join(nn_kernels.active()) or "none"]
+    for spec in kernel_sets:
+        nn_kernels.parse(spec, source="--kernels")  # a bad name fails before any work
     torch.set_num_threads(threads)
     nn_dir = Path(sys.modules[UNetModel.__module__].__file__).parent
     sources = {f.name: hashlib.sha1(f.read_bytes()).hexdigest()[:12]
@@ -104,17 +117,18 @@ def run(*, widths: list[int], cases: list[str], reps: int, warmup: int, batch: i
     load_start = os.getloadavg()
     log(f"torch {torch.__version__}, {torch.get_num_threads()} threads, cpu_count "
         f"{os.cpu_count()}, load average at start {load_start}")
-    states = [make_state(c, w, batch=batch, image_size=image_size)
-              for w in widths for c in cases]
+    states = [make_state(c, w, batch=batch, image_size=image_size, kernels=k)
+              for w in widths for k in kernel_sets for c in cases]
     log(f"timing {len(states)} cases round-robin: {warmup} warm-up + {reps} reps")
     time_round_robin(states, reps=reps, warmup=warmup, log=log)
     load_end = os.getloadavg()
     mem: dict[tuple[str, int], dict] = {}
     if memory == "subprocess":
         for s in states:
-            log(f"  memory: {s.name} w{s.width}")
-            mem[(s.name, s.width)] = measure_memory(s.name, s.width, batch=batch,
-                                                    image_size=image_size, threads=threads)
+            log(f"  memory: {s.name} w{s.width} kernels {s.kernels}")
+            mem[(s.name, s.width, s.kernels)] = measure_memory(
+                s.name, s.width, batch=batch, image_size=image_size, threads=threads,
+                kernels=s.kernels)
     rows = make_rows(states, mem)
     return {"rows": rows, "load_average_start": list(load_start),
             "load_average_end": list(load_end),
@@ -122,6 +136,7 @@ def run(*, widths: list[int], cases: list[str], reps: int, warmup: int, batch: i
                          "reps": reps, "warmup": warmup, "threads": threads,
                          "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                          "torch": torch.__version__, "memory": memory,
+                         "kernel_sets": {k: sorted(nn_kernels.parse(k)) for k in kernel_sets},
                          "nn_sources_sha1": sources}}
 
 
@@ -138,6 +153,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=THREADS, help="torch threads (2)")
     parser.add_argument("--memory", choices=("subprocess", "none"), default="subprocess")
+    parser.add_argument("--kernels", nargs="+", default=None, metavar="SPEC",
+                        help="kernel sets of ldm_smd.nn.kernels to time the cases under, "
+                             "interleaved: all | none | NAME,... | all,-NAME,... (default: the "
+                             "LDM_SMD_KERNELS set, all when unset)")
     args = parser.parse_args(argv)
     quick = {"widths": [32], "reps": 2, "warmup": 1, "batch": 4}
     full = {"widths": [64, 128], "reps": 5, "warmup": 2, "batch": 16}
@@ -146,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
             setattr(args, key, value)
     payload = run(widths=args.widths, cases=args.cases, reps=args.reps, warmup=args.warmup,
                   batch=args.batch, image_size=args.image_size, memory=args.memory,
-                  threads=args.threads)
+                  threads=args.threads, kernel_sets=args.kernels)
     print()
     print(markdown_table(payload["rows"]))
     print()

@@ -16,6 +16,7 @@ from torch import nn
 
 from ldm_smd.diffusion.objectives import build_objective
 from ldm_smd.diffusion.schedule import NoiseSchedule
+from ldm_smd.nn import kernels as nn_kernels
 from ldm_smd.nn.smd import Hypernetwork, SMDNetwork
 from ldm_smd.nn.unet import UNetModel
 from ldm_smd.rng import repeat_rows
@@ -37,9 +38,9 @@ class DenseHypernetwork(Hypernetwork):
     :class:`Hypernetwork`; only the evaluation differs: every per-position linear map is an
     ``einsum``, and each ``M_l = v_l v_l^T + softplus(s_l) I`` is materialised (``einsum`` outer
     product plus identity) and applied with ``torch.bmm``: O(d^2) per position. Both entry
-    points are overridden: ``forward(h, z)`` and ``modulate(h, u_all)`` (the one SMDNetwork
-    calls, with the unscaled directions ``u_l``, ``v_l = c u_l``); ``dense_calls`` counts them,
-    so the benchmark can check that the dense path really ran.
+    points are overridden: ``forward(h, z)`` and ``modulate(h, v_all)`` (the one SMDNetwork
+    calls, with the vectors ``v_l``); ``dense_calls`` counts them, so the benchmark can check
+    that the dense path really ran.
     """
 
     dense_calls = 0
@@ -61,27 +62,28 @@ class DenseHypernetwork(Hypernetwork):
             r = torch.bmm(m, r)
         return h + torch.einsum("cd,nd->nc", self.B, r.squeeze(-1)) + self.b
 
-    def forward(self, h: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        if h.dim() == 2:
-            u = torch.einsum("kd,nd->nk", self.W, z) + self.w
-            return self._dense(h, (torch.tanh(u) if self.bound == "tanh" else u) * self._scale())
-        b, c, hh, ww = h.shape
-        tokens = h.permute(0, 2, 3, 1).reshape(-1, c)  # (N, C), N = B * H * W
-        zt = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
-        u = torch.einsum("kd,nd->nk", self.W, zt) + self.w
-        out = self._dense(tokens, (torch.tanh(u) if self.bound == "tanh" else u) * self._scale())
-        return out.reshape(b, hh, ww, c).permute(0, 3, 1, 2)
+    def _tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, K, H, W) maps as (B H W, K) token rows; (B, K) vectors unchanged."""
+        return x if x.dim() == 2 else x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
 
-    def modulate(self, h: torch.Tensor, u_all: torch.Tensor) -> torch.Tensor:
-        repeats = u_all.shape[0] // h.shape[0]  # M draws for the same features (see Hypernetwork)
+    def forward(self, h: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        u = torch.einsum("kd,nd->nk", self.W, self._tokens(z)) + self.w
+        v_all = (torch.tanh(u) if self.bound == "tanh" else u) * self._scale()
+        return self._untokens(self._dense(self._tokens(h), v_all), h.shape)
+
+    def modulate(self, h: torch.Tensor, v_all: torch.Tensor) -> torch.Tensor:
+        repeats = v_all.shape[0] // h.shape[0]  # M draws for the same features (see Hypernetwork)
         if repeats > 1:
             h = repeat_rows(h, repeats)
-        if h.dim() == 2:
-            return self._dense(h, u_all * self._scale())
-        b, c, n = h.shape  # flattened maps (B, C, N), u_all (B, L d, N)
-        out = self._dense(h.transpose(1, 2).reshape(-1, c),
-                          u_all.transpose(1, 2).reshape(b * n, -1) * self._scale())
-        return out.reshape(b, n, c).transpose(1, 2)
+        return self._untokens(self._dense(self._tokens(h), self._tokens(v_all)), h.shape)
+
+    @staticmethod
+    def _untokens(rows: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """Token rows back to ``shape`` (B, C[, H, W])."""
+        if len(shape) == 2:
+            return rows
+        b, c, hh, ww = shape
+        return rows.reshape(b, hh, ww, c).permute(0, 3, 1, 2)
 
 
 def make_dense(net: SMDNetwork) -> SMDNetwork:
@@ -157,10 +159,12 @@ def objective_for(name: str):
 
 @dataclass
 class CaseState:
-    """Everything one case needs to run train and sample steps."""
+    """Everything one case needs to run train and sample steps, under its kernel set ``kernels``
+    (a spec of :func:`ldm_smd.nn.kernels.parse`)."""
 
     name: str
     width: int
+    kernels: str
     net: nn.Module
     objective: object
     eta_samples: int
@@ -182,19 +186,22 @@ class CaseState:
     def train_step(self) -> None:
         self.net.train()
         self.optimizer.zero_grad(set_to_none=True)
-        loss, _ = self.objective(self.net, self.x0, schedule=self.schedule,
-                                 generator=self.generator)
-        loss.backward()
+        with nn_kernels.use(self.kernels):
+            loss, _ = self.objective(self.net, self.x0, schedule=self.schedule,
+                                     generator=self.generator)
+            loss.backward()
         self.optimizer.step()
 
     def sample_step(self) -> None:
         self.net.eval()
-        with torch.no_grad():
+        with torch.no_grad(), nn_kernels.use(self.kernels):
             self.net(self.x_t, self.t, generator=self.generator)
 
 
-def make_state(name: str, width: int, *, batch: int = 16, image_size: int = 32) -> CaseState:
-    """Build case ``name``: network, objective, AdamW, fixed data in [-1, 1], a generator."""
+def make_state(name: str, width: int, *, batch: int = 16, image_size: int = 32,
+               kernels: str = "all") -> CaseState:
+    """Build case ``name``: network, objective, AdamW, fixed data in [-1, 1], a generator; its
+    steps run under the kernel set ``kernels``."""
     net = build_network(name, width, image_size)
     objective, eta_samples = objective_for(name)
     data = torch.Generator().manual_seed(1)
@@ -208,7 +215,7 @@ def make_state(name: str, width: int, *, batch: int = 16, image_size: int = 32) 
         if not all(m.dense_calls for m in net.hypernets.values()):
             raise RuntimeError("benchmark: SMDNetwork no longer calls Hypernetwork.forward or "
                                ".modulate, so DenseHypernetwork is bypassed; update it")
-    return CaseState(name=name, width=width, net=net, objective=objective,
+    return CaseState(name=name, width=width, kernels=kernels, net=net, objective=objective,
                      eta_samples=eta_samples, x0=x0, x_t=x_t, t=t, schedule=schedule,
                      generator=torch.Generator().manual_seed(2),
                      optimizer=torch.optim.AdamW(net.parameters(), lr=1e-4))

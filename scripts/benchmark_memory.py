@@ -1,9 +1,9 @@
 """Peak memory of one case of ``scripts/benchmark.py``, measured in a fresh process.
 
-One job: ``python scripts/benchmark_memory.py CASE WIDTH BATCH IMAGE_SIZE THREADS`` builds the
-case (:mod:`benchmark_cases`), makes one sample step and one steady-state train step, and prints
-their resident-set peaks as one JSON line; :func:`measure_memory` runs it as a subprocess, so
-no case inherits another's allocations.
+One job: ``python scripts/benchmark_memory.py CASE WIDTH BATCH IMAGE_SIZE THREADS KERNELS``
+builds the case (:mod:`benchmark_cases`) under the kernel set ``KERNELS``, makes one sample step
+and one steady-state train step, and prints their resident-set peaks as one JSON line;
+:func:`measure_memory` runs it as a subprocess, so no case inherits another's allocations.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def _reset_peak() -> None:
 
 
 def memory_child(name: str, width: int, batch: int, image_size: int,
-                 threads: int = THREADS) -> dict:
+                 threads: int = THREADS, kernels: str = "all") -> dict:
     """In a fresh process: build the case, then one sample step and one train step; RSS in MiB.
 
     AdamW state is created first (one step on zero gradients), so the train step is a
@@ -51,7 +51,7 @@ def memory_child(name: str, width: int, batch: int, image_size: int,
     not inherited from the parent through fork and exec), reset before each step.
     """
     torch.set_num_threads(threads)
-    state = make_state(name, width, batch=batch, image_size=image_size)
+    state = make_state(name, width, batch=batch, image_size=image_size, kernels=kernels)
     for p in state.net.parameters():
         p.grad = torch.zeros_like(p)
     state.optimizer.step()
@@ -69,10 +69,10 @@ def memory_child(name: str, width: int, batch: int, image_size: int,
 
 
 def measure_memory(name: str, width: int, *, batch: int = 16, image_size: int = 32,
-                   threads: int = THREADS) -> dict:
+                   threads: int = THREADS, kernels: str = "all") -> dict:
     """:func:`memory_child` of one case in a fresh subprocess of this script."""
     cmd = [sys.executable, str(Path(__file__).resolve()), name, str(width), str(batch),
-           str(image_size), str(threads)]
+           str(image_size), str(threads), kernels]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if proc.returncode != 0:
@@ -85,4 +85,4 @@ def measure_memory(name: str, width: int, *, batch: int = 16, image_size: int = 
 
 if __name__ == "__main__":
     case, width, batch, size, threads = sys.argv[1], *map(int, sys.argv[2:6])
-    print(dumps(memory_child(case, width, batch, size, threads)))
+    print(dumps(memory_child(case, width, batch, size, threads, sys.argv[6])))

@@ -3,8 +3,8 @@
 Both evaluate ``M = num_eta_samples`` draws of ``eta`` for each ``x_t`` in one network call,
 ``network(x_t, t, generator=generator, num_eta_samples=M)`` (an SMD network returns ``M * B``
 rows, row ``i + m * B`` being example ``i`` under draw ``m``; with placement ``"output"`` the
-draws share one backbone pass). A network without a latent cannot take part: asking one for
-``M > 1`` draws is an error that says so.
+draws share one backbone pass). Only a network that declares it draws eta (:func:`draws_eta`)
+is asked for ``M > 1`` draws; asking another is an error that says so.
 """
 
 from __future__ import annotations
@@ -15,9 +15,22 @@ import torch
 
 from ldm_smd.diffusion.denoising import DenoisingObjective, Network, loss_weights
 from ldm_smd.diffusion.schedule import NoiseSchedule
+from ldm_smd.errors import UsageError
 from ldm_smd.rng import GeneratorLike, repeat_rows
 
 ELBO_VARIANCES = ("posterior", "beta")
+
+
+def draws_eta(network: object) -> bool:
+    """Whether ``network`` (a network, or its class) declares that it draws ``eta``.
+
+    The declaration is a class attribute, ``draws_eta = True`` (:class:`ldm_smd.nn.smd.SMDNetwork`
+    has it); such a network accepts ``num_eta_samples=M`` in its call and then returns ``M * B``
+    rows, row ``i + m * B`` being example ``i`` under its ``m``-th draw. A network without the
+    attribute draws nothing. Read by :meth:`MultiEtaObjective.predictions` and, from the class a
+    config names, by the config check of the stage-2 model, so the two can never disagree.
+    """
+    return getattr(network, "draws_eta", False) is True
 
 
 class MultiEtaObjective(DenoisingObjective):
@@ -60,15 +73,13 @@ class MultiEtaObjective(DenoisingObjective):
         M = self.num_eta_samples
         if M == 1:
             return network(x_t, t, generator=generator)[None]
-        try:
-            pred = network(x_t, t, generator=generator, num_eta_samples=M)
-        except TypeError as exc:
-            if "num_eta_samples" not in str(exc):
-                raise
-            raise ValueError(
+        if not draws_eta(network):
+            raise UsageError(
                 f"{type(self).__name__} draws num_eta_samples={M} values of eta per example and "
-                f"needs an SMD network (ldm_smd.nn.smd.SMDNetwork); this network has no latent"
-            ) from exc
+                f"needs an SMD network (ldm_smd.nn.smd.SMDNetwork); {type(network).__name__} has "
+                f"no latent (it does not declare draws_eta = True)"
+            )
+        pred = network(x_t, t, generator=generator, num_eta_samples=M)
         if pred.shape[0] != M * x_t.shape[0]:
             raise ValueError(
                 f"network returned {pred.shape[0]} rows for {x_t.shape[0]} examples x "

@@ -8,12 +8,11 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 from typing import Any
 
 from ldm_smd.config import ConfigError, import_target, is_spec
-from ldm_smd.diffusion.multi_eta import MultiEtaObjective
+from ldm_smd.diffusion.multi_eta import MultiEtaObjective, draws_eta
 
 LR_SCHEDULES = ("constant", "cosine")
 #: the component blocks of the model and the target each defaults to
@@ -30,8 +29,9 @@ def check_model_params(params: Mapping[str, Any], *, key: str = "model") -> None
     The component blocks are ``target`` / ``params`` blocks (not the old ``name:`` / bare
     keyword forms); the objective does not set the parameterization; the latent shape is
     given one way; and an objective that draws several ``eta`` per example
-    (``MixtureObjective``, ``EnergyObjective``) needs an SMD network, one whose ``forward``
-    takes ``num_eta_samples``. Raises :class:`~ldm_smd.config.ConfigError`.
+    (``MixtureObjective``, ``EnergyObjective``) needs an SMD network, one whose class declares
+    it draws eta (:func:`~ldm_smd.diffusion.multi_eta.draws_eta`). Raises
+    :class:`~ldm_smd.config.ConfigError`.
     """
     for name, default in COMPONENTS.items():
         block = params.get(name)
@@ -72,8 +72,7 @@ def check_model_params(params: Mapping[str, Any], *, key: str = "model") -> None
     obj_cls = import_target(objective["target"], key=f"{key}.params.objective.target")
     net_cls = import_target(network["target"], key=f"{key}.params.network.target")
     if isinstance(obj_cls, type) and issubclass(obj_cls, MultiEtaObjective):
-        forward = getattr(net_cls, "forward", None)
-        if forward is None or "num_eta_samples" not in inspect.signature(forward).parameters:
+        if not draws_eta(net_cls):
             raise ConfigError(
                 f"{key}.params.objective: {objective['target']} draws several eta per "
                 f"example and needs an SMD network (a latent: ldm_smd.nn.smd.SMDNetwork), "

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm_smd.nn.layers import conv1x1, normalization, zero_module
+from ldm_smd.nn.layers import PointwiseConv1d, normalization, zero_module
 
 ATTENTION_BACKENDS = ("sdpa", "xformers", "auto", "math")
 
@@ -156,17 +156,17 @@ class AttentionBlock(nn.Module):
         self.channels = channels
         self.attention_backend = check_backend(attention_backend)
         self.norm = normalization(channels, norm_groups)
-        self.qkv = nn.Conv1d(channels, 3 * channels, 1)
-        self.proj_out = zero_module(nn.Conv1d(channels, channels, 1))
+        self.qkv = PointwiseConv1d(channels, 3 * channels)
+        self.proj_out = zero_module(PointwiseConv1d(channels, channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, *spatial = x.shape
         x_flat = x.reshape(b, c, -1)
         length = x_flat.shape[-1]
-        qkv = conv1x1(self.norm(x_flat), self.qkv)  # (B, 3C, T), legacy layout: per head [q, k, v]
+        qkv = self.qkv(self.norm(x_flat))  # (B, 3C, T), legacy layout: per head [q, k, v]
         d = c // self.num_heads
         qkv = qkv.view(b, self.num_heads, 3 * d, length).transpose(-2, -1)  # (B, h, T, 3d)
         q, k, v = qkv.split(d, dim=-1)
         out = attention(q, k, v, self.attention_backend)  # (B, h, T, d)
         out = out.transpose(-2, -1).reshape(b, c, length)
-        return conv1x1(out, self.proj_out).add_(x_flat).view(b, c, *spatial)
+        return (x_flat + self.proj_out(out)).view(b, c, *spatial)

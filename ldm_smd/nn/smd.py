@@ -1,4 +1,4 @@
-"""Soft Mixture Denoising (Li, van Breugel, van der Schaar, ICLR 2024), SMD.md section 2.
+"""Soft Mixture Denoising (Li, van Breugel, van der Schaar, ICLR 2024; arXiv 2309.14068).
 
 One backward step is a continuous mixture of Gaussians: a latent ``z = g(eta, x_t, t)`` with
 ``eta ~ N(0, I)`` of ``x_t``'s shape selects, through a hypernetwork, a modulation of the
@@ -22,7 +22,7 @@ With the tanh bound every eigenvalue of ``M_l = v_l v_l^T + softplus(s_l) I`` li
 Initialisation (``hypernet_init``): ``"default"`` is the authors': PyTorch's ``nn.Linear``
 initialisation for ``A, a, W_l, w_l, B, b`` and ``s_l ~ N(0, 1)``. ``"zero"`` sets ``B = 0`` and
 ``b = 0`` on top of that, so a fresh SMD network computes exactly its backbone (for wrapping a
-pretrained vanilla model). Its cost, measured (SMD.md section 3): while ``B = 0`` the latent
+pretrained vanilla model). Its cost, measured: while ``B = 0`` the latent
 generator and ``W`` receive exactly zero gradient and the ``M`` eta samples of a multi-sample
 objective give identical errors, so training starts at the symmetric point where ``eta`` is
 ignored and, on the mixture benchmark, stays there.
@@ -39,8 +39,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm_smd.nn.hypernet import HYPERNET_BOUNDS, HYPERNET_INITS, Hypernetwork, directions
-from ldm_smd.nn.layers import Downsample, ResBlock, normalization, timestep_embedding
+from ldm_smd.nn import kernels
+from ldm_smd.nn.hypernet import HYPERNET_BOUNDS, HYPERNET_INITS, Hypernetwork
+from ldm_smd.nn.layers import (
+    Downsample,
+    PointwiseConv2d,
+    ResBlock,
+    normalization,
+    timestep_embedding,
+)
 from ldm_smd.rng import randn_like, repeat_generators, repeat_rows
 
 PLACEMENTS = ("input_output", "every_level", "output")
@@ -91,40 +98,41 @@ class LatentGenerator(nn.Module):
             self.down = Downsample(channels=width, use_conv=True)
             self.enc1 = ResBlock(channels=width, out_channels=2 * width, **kw)
             self.norm_out = normalization(3 * width, 8)
-            self.conv_out = nn.Conv2d(3 * width, latent_dim, 1)
+            self.act_out = nn.SiLU()
+            self.conv_out = PointwiseConv2d(3 * width, latent_dim)
             self.global_proj = nn.Linear(2 * width, latent_dim) if global_context else None
         else:
             self.inp = nn.Linear(2 * in_channels, width)
             self.hidden = nn.Linear(width, width)
             self.out = nn.Linear(width, latent_dim)
+            self.global_proj = None
 
-    def head(self, eta: torch.Tensor, x_t: torch.Tensor,
-             t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(h, weight, bias)`` with ``z = weight h + bias`` at every position: the features
-        before the linear head, (B, F, H, W) or (B, F), its weight (latent_dim, F) and its bias
-        (B, latent_dim) (per row: the global path adds to it). :class:`SMDNetwork` folds the
-        head into the hypernetworks' ``W`` (one F -> L d map in place of F -> d -> L d)."""
+    @property
+    def linear_head(self) -> nn.Module:
+        """The last layer, a linear map to ``latent_dim`` channels: ``conv_out`` (1x1) for
+        images, ``out`` for vectors."""
+        return self.conv_out if self.spatial else self.out
+
+    def features(self, eta: torch.Tensor, x_t: torch.Tensor,
+                 t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(h, shift)``: the features :attr:`linear_head` reads, (B, F, H, W) or (B, F), and the
+        per-row shift (B, latent_dim) that the global path adds to ``z`` (None without it)."""
         emb = self.time_embed(timestep_embedding(t, self.width).to(x_t.dtype))
         xin = torch.cat([x_t, eta], dim=1)
         if not self.spatial:
-            h = F.silu(self.hidden(F.silu(self.inp(xin) + emb)))
-            return h, self.out.weight, self.out.bias.expand(h.shape[0], -1)
+            return F.silu(self.hidden(F.silu(self.inp(xin) + emb))), None
         h0 = self.enc0(self.conv_in(xin), emb)
         h1 = self.enc1(self.down(h0), emb)
-        h1 = F.interpolate(h1, size=h0.shape[-2:], mode="nearest")
-        n = self.norm_out
-        h = F.silu(F.group_norm(torch.cat([h1, h0], dim=1), n.num_groups, n.weight, n.bias, n.eps))
-        bias = self.conv_out.bias.expand(h.shape[0], -1)
-        if self.global_proj is not None:
-            bias = bias + self.global_proj(F.silu(h1.mean(dim=(2, 3))))
-        return h, self.conv_out.weight.flatten(1), bias
+        up = F.interpolate(h1, size=h0.shape[-2:], mode="nearest")
+        h = self.act_out(self.norm_out(torch.cat([up, h0], dim=1)))
+        shift = None if self.global_proj is None else self.global_proj(F.silu(h1.mean(dim=(2, 3))))
+        return h, shift
 
     def forward(self, eta: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Return ``z`` of shape (B, latent_dim, H, W) or (B, latent_dim)."""
-        h, weight, bias = self.head(eta, x_t, t)
-        # the 1x1 head as a batched matmul (faster than a 1x1 convolution on CPU)
-        return Hypernetwork._linear(h.flatten(2) if h.dim() == 4 else h, weight, bias).view(
-            h.shape[0], -1, *h.shape[2:])
+        h, shift = self.features(eta, x_t, t)
+        z = self.linear_head(h)
+        return z if shift is None else z + shift.view(*shift.shape, *([1] * (z.dim() - 2)))
 
 
 class SMDNetwork(nn.Module):
@@ -137,7 +145,9 @@ class SMDNetwork(nn.Module):
     With ``num_eta_samples = M > 1`` it returns ``M * B`` rows, row ``i + m * B`` being example
     ``i`` under its ``m``-th draw of ``eta`` (per-row generators are tiled with
     :func:`ldm_smd.rng.repeat_generators`, so the ``M`` draws of a row are consecutive draws of
-    its generator); with placement ``"output"`` the backbone runs once for all ``M``.
+    its generator); with placement ``"output"`` the backbone runs once for all ``M``. The class
+    attribute ``draws_eta = True`` declares this (read by the multi-eta objectives and the
+    config check: :func:`ldm_smd.diffusion.multi_eta.draws_eta`).
 
     Args:
         backbone: the denoiser; must expose ``in_channels``, ``model_channels``,
@@ -154,6 +164,8 @@ class SMDNetwork(nn.Module):
         hypernet_init: ``"default"`` (the authors') or ``"zero"`` (identity at initialisation).
         generator_global_context: images: give ``g`` a global path (see :class:`LatentGenerator`).
     """
+
+    draws_eta = True
 
     def __init__(
         self,
@@ -230,9 +242,6 @@ class SMDNetwork(nn.Module):
             }
         )
         self.site_strides = {s: int(backbone.modulation_site_strides.get(s, 1)) for s in sites}
-        self._sites_by_stride: dict[int, list[str]] = {}
-        for site, stride in self.site_strides.items():
-            self._sites_by_stride.setdefault(stride, []).append(site)
 
     def _eta(self, x_t: torch.Tensor, generator, eta: torch.Tensor | None) -> torch.Tensor:
         if eta is None:
@@ -248,66 +257,45 @@ class SMDNetwork(nn.Module):
         eta = self._eta(x_t, generator, eta)
         return self.generator(eta, x_t, _per_row(t, x_t).to(x_t.device))
 
-    def _site_directions(self, head: tuple) -> dict[str, torch.Tensor]:
-        """Unscaled hypernetwork directions per site (one matmul per resolution), from the
-        generator's ``head`` ``(h, G, g)``, ``z = G h + g``: ``W z + w = (W G) h + (W g + w)``.
-        Folding the head in costs ``K x F`` per position (``K`` rows of ``W`` at a resolution)
-        instead of ``d x F + K x d`` (48 -> 200 in place of 48 -> 100 -> 200 at width 64,
-        placement output), so it is used where it is the cheaper; average pooling, being
-        linear, commutes with it."""
-        h, G, g = head
-        # One matmul per resolution for the vectors of all sites there (same work as one per
-        # site, fewer and larger kernels); each site then gets a slice of it.
-        out: dict[str, torch.Tensor] = {}
-        for stride, sites in self._sites_by_stride.items():
-            hs = h
-            if h.dim() == 4:
-                hs = (F.avg_pool2d(h, stride) if stride > 1 else h).flatten(2)
-            hns = [self.hypernets[s] for s in sites]
-            weight = torch.cat([hn.W for hn in hns]) if len(hns) > 1 else hns[0].W
-            bias = torch.cat([hn.w for hn in hns]) if len(hns) > 1 else hns[0].w
-            K, F_, d = weight.shape[0], G.shape[1], G.shape[0]
-            if K * F_ <= d * (F_ + K):  # the fold is the cheaper way here
-                u = directions(hs, weight @ G, torch.addmm(bias, g, weight.t()),
-                               self.hypernet_bound)
-            else:
-                u = directions(Hypernetwork._linear(hs, G, g), weight, bias, self.hypernet_bound)
-            # split, not slicing: its backward concatenates the sites' gradients, where each
-            # slice's would zero-fill a tensor of the whole size (measured 80 ms a step at w64)
-            for site, part in zip(sites, u.split(hns[0].W.shape[0], dim=1), strict=True):
-                out[site] = part
+    def site_vectors(self, eta: torch.Tensor, x_t: torch.Tensor,
+                     t: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each site's vectors ``v_l`` (:meth:`Hypernetwork.vectors`) of ``z = g(eta, x_t, t)``,
+        ``z`` average-pooled to the site's resolution (``head_fold``: computed without ``z``)."""
+        head = self.generator.linear_head
+        if kernels.enabled("head_fold") and all(
+                kernels.head_fold_pays(head, hn.W.shape[0]) for hn in self.hypernets.values()):
+            h, shift = self.generator.features(eta, x_t, t)
+            return kernels.head_fold_vectors(self.hypernets, self.site_strides, h, head, shift)
+        z = self.generator(eta, x_t, t)
+        out = {}
+        for site, hypernet in self.hypernets.items():
+            stride = self.site_strides[site]
+            out[site] = hypernet.vectors(F.avg_pool2d(z, stride) if stride > 1 else z)
         return out
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, generator=None, *,
                 eta: torch.Tensor | None = None, num_eta_samples: int = 1) -> torch.Tensor:
-        M = int(num_eta_samples)
-        if M < 1:
-            raise ValueError(f"SMDNetwork: num_eta_samples must be >= 1, got {num_eta_samples}")
+        M = num_eta_samples
         t = _per_row(t, x_t)
-        shared = M > 1 and self.placement == "output"
+        x_all, t_all = x_t, t
         if M > 1:  # the M copies of each row: rows i + m * B
             x_all, t_all = repeat_rows(x_t, M), repeat_rows(t, M)
             generator = repeat_generators(generator, M)
-            if not shared:
+            if self.placement != "output":  # else the backbone runs once for all M draws
                 x_t, t = x_all, t_all
-        else:
-            x_all, t_all = x_t, t
-        eta = self._eta(x_all, generator, eta)
-        site_u = self._site_directions(self.generator.head(eta, x_all, t_all))
+        site_v = self.site_vectors(self._eta(x_all, generator, eta), x_all, t_all)
 
         def modulation(h: torch.Tensor, site: str) -> torch.Tensor:
-            if site not in site_u:
+            if site not in site_v:
                 return h
-            u = site_u[site]  # with a shared pass, M times the rows of h (modulate tiles h)
-            if h.dim() == 2:
-                return self.hypernets[site].modulate(h, u)
-            if u.shape[-1] != h.shape[-2] * h.shape[-1]:
+            v = site_v[site]  # with a shared pass, M times the rows of h (modulate tiles h)
+            if v.shape[2:] != h.shape[2:]:
                 raise ValueError(
-                    f"SMDNetwork: site {site!r} has resolution {tuple(h.shape[-2:])}, which does "
-                    f"not match the input {tuple(x_t.shape[-2:])} pooled by its declared stride "
+                    f"SMDNetwork: site {site!r} has resolution {tuple(h.shape[2:])}, which does "
+                    f"not match the input {tuple(x_t.shape[2:])} pooled by its declared stride "
                     f"{self.site_strides[site]}"
                 )
-            return self.hypernets[site].modulate(h.flatten(2), u).view(-1, *h.shape[1:])
+            return self.hypernets[site].modulate(h, v)
 
         return self.backbone(x_t, t, generator, modulation=modulation)
 

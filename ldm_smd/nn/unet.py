@@ -17,7 +17,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ldm_smd.nn.attention import AttentionBlock, check_backend
@@ -205,8 +204,7 @@ class UNetModel(nn.Module):
         h = self.middle_block(h, emb)
         for block in self.output_blocks:
             h = block(torch.cat([h, hs.pop()], dim=1), emb)
-        norm = self.out[0]
-        h = F.silu(F.group_norm(h, norm.num_groups, norm.weight, norm.bias, norm.eps))
+        h = self.out[:-1](h)  # GroupNorm, SiLU
         if modulation is not None:
             h = modulation(h, "output")
-        return self.out[2](h)
+        return self.out[-1](h)

@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 from ldm_smd import rng
+from ldm_smd.diffusion.multi_eta import draws_eta
 from ldm_smd.diffusion.objectives import (
     DenoisingObjective,
     MixtureObjective,
@@ -11,6 +12,7 @@ from ldm_smd.diffusion.objectives import (
     loss_weights,
 )
 from ldm_smd.diffusion.schedule import PARAMETERIZATIONS, NoiseSchedule
+from ldm_smd.errors import UsageError
 
 T = 50
 
@@ -31,7 +33,9 @@ class TinyNet(nn.Module):
 class NoisyNet(TinyNet):
     """SMD-like network: its output depends on eta drawn from the generator it is given; with
     ``num_eta_samples = M`` it returns M * B rows, row i + m * B under the m-th draw (the
-    SMDNetwork contract)."""
+    SMDNetwork contract, declared by ``draws_eta``)."""
+
+    draws_eta = True
 
     def forward(self, x, t, generator=None, num_eta_samples=1):
         reps = (num_eta_samples,) + (1,) * (x.dim() - 1)
@@ -42,6 +46,8 @@ class NoisyNet(TinyNet):
 
 class FixedX0Net(nn.Module):
     """Predicts x0_hat = x0 + delta, expressed in ``parameterization``."""
+
+    draws_eta = True
 
     def __init__(self, schedule, x0, delta, parameterization):
         super().__init__()
@@ -217,12 +223,43 @@ def test_bad_params_are_named():
 
 @pytest.mark.parametrize("name", ["smd_mixture", "smd_energy"])
 def test_multi_eta_objective_over_a_network_without_latent_is_an_error(schedule, name):
-    with pytest.raises(ValueError, match="needs an SMD network"):
+    with pytest.raises(UsageError, match="needs an SMD network.*TinyNet has no latent"):
         build_objective(name)(TinyNet(), _x0(), schedule=schedule, generator=None)
+
+
+class AnyKwargsNet(TinyNet):
+    """Would accept num_eta_samples (and anything else) but does not declare draws_eta."""
+
+    calls = 0
+
+    def forward(self, x, t, generator=None, **kwargs):
+        self.calls += 1
+        return super().forward(x, t)
+
+
+class BrokenSMDNet(NoisyNet):
+    """Declares draws_eta, then fails inside its call with a TypeError of its own."""
+
+    def forward(self, x, t, generator=None, num_eta_samples=1):
+        raise TypeError("unsupported operand inside the network (num_eta_samples)")
+
+
+def test_the_declaration_decides_not_the_signature_or_an_exception(schedule):
+    """The objective reads draws_eta before calling: an undeclared network is never called with
+    M draws, and a declared network's own TypeError is not reworded into "no latent"."""
+    net = AnyKwargsNet()
+    with pytest.raises(UsageError, match="does not declare draws_eta"):
+        build_objective("smd_energy")(net, _x0(), schedule=schedule, generator=None)
+    assert net.calls == 0
+    assert not draws_eta(net) and draws_eta(NoisyNet) and draws_eta(NoisyNet())
+    with pytest.raises(TypeError, match="unsupported operand inside the network"):
+        build_objective("smd_energy")(BrokenSMDNet(), _x0(), schedule=schedule, generator=None)
 
 
 class DrawNet(nn.Module):
     """Predicts a draw from N(mu, sd^2 I) (mu, sd learnable), whatever the input."""
+
+    draws_eta = True
 
     def __init__(self, dim, mu=0.0, sd=1.0):
         super().__init__()

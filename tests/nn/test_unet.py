@@ -2,7 +2,9 @@
 
 import pytest
 import torch
+from torch import nn
 
+from ldm_smd.nn.layers import ResBlock
 from ldm_smd.nn.unet import UNetModel
 
 
@@ -26,12 +28,24 @@ def _unet(**kw):
         ({"in_channels": 4, "out_channels": 2, "conv_resample": False}, (2, 4, 8, 8)),
     ],
 )
-def test_output_shape(kw, shape):
-    net = _unet(**kw)
-    x = torch.randn(*shape)
-    out = net(x, torch.randint(0, 1000, (shape[0],)), generator=torch.Generator())
+def test_output_shape_rows_and_input_dependence(kw, shape):
+    """Shape, and what a denoiser's output must do: depend on its input, and treat every batch
+    row on its own (row 0 of a batch equals row 0 alone; GroupNorm and attention are per row)."""
+    net = _unet(**kw).eval()
+    with torch.no_grad():  # no zero-initialised layer (the output conv), so the output can move
+        for p in net.parameters():
+            p.normal_(0.0, 0.2, generator=torch.Generator().manual_seed(p.numel()))
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+    t = torch.randint(0, 1000, (shape[0],), generator=torch.Generator().manual_seed(2))
+    out = net(x, t, generator=torch.Generator())
     assert out.shape == (shape[0], net.out_channels, *shape[2:])
-    assert torch.isfinite(out).all()
+    assert torch.isfinite(out).all() and out.abs().max() > 1e-3
+    torch.testing.assert_close(net(x[:1], t[:1]), out[:1], rtol=1e-4, atol=1e-5)
+    moved = x.clone()
+    moved[0, :, 0, 0] += 1.0  # one pixel of row 0
+    changed = (net(moved, t) - out).abs().flatten(1).amax(dim=1)
+    assert changed[0] > 1e-4
+    assert (changed[1:] == 0).all()
 
 
 def test_compvis_parameter_names():
@@ -109,9 +123,59 @@ def test_bad_input_is_a_clear_error():
         _unet(attention_backend="nope")
 
 
-@pytest.mark.parametrize("conv", [torch.nn.Conv2d(6, 4, 1), torch.nn.Conv1d(6, 4, 1, bias=False)])
-def test_conv1x1_matmul_equals_convolution(conv):
-    from ldm_smd.nn.layers import conv1x1
+def _randomised(module, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0.0, 0.3, generator=g)
+    return module
 
-    x = torch.randn((2, 6, 3, 5) if isinstance(conv, torch.nn.Conv2d) else (2, 6, 7))
-    torch.testing.assert_close(conv1x1(x, conv), conv(x), rtol=1e-5, atol=1e-5)
+
+@pytest.mark.parametrize(("kw", "path", "replacement"), [
+    ({}, "in_layers.1", nn.Identity()), ({}, "in_layers.2", nn.Identity()),
+    ({}, "emb_layers.0", nn.Identity()), ({}, "out_layers.1", nn.Identity()),
+    ({}, "out_layers.3", nn.Identity()),
+    ({"out_channels": 12}, "skip_connection", nn.Conv2d(8, 12, 1)),
+    ({"use_scale_shift_norm": True}, "out_layers.0", nn.Identity()),
+    ({"use_scale_shift_norm": True}, "out_layers.1", nn.Identity()),
+    ({"down": True}, "in_layers.1", nn.Identity()), ({"down": True}, "in_layers.2", nn.Identity()),
+    ({"down": True}, "h_upd", nn.MaxPool2d(2)), ({"down": True}, "x_upd", nn.MaxPool2d(2)),
+    ({"up": True}, "h_upd", nn.Upsample(scale_factor=2.0, mode="bilinear")),
+])
+def test_resblock_runs_its_declared_layers(kw, path, replacement):
+    """Replacing any declared layer of a ResBlock changes its output: forward runs them."""
+    block = _randomised(ResBlock(channels=8, emb_channels=6, norm_groups=4, **kw))
+    x = torch.randn(2, 8, 4, 4, generator=torch.Generator().manual_seed(0))
+    emb = torch.randn(2, 6, generator=torch.Generator().manual_seed(1))
+    before = block(x, emb)
+    _replace(block, path, _randomised(replacement, seed=1))
+    assert not torch.allclose(block(x, emb), before, atol=1e-4)
+
+
+def _replace(module, path, replacement):
+    """Put ``replacement`` at ``path`` (a Sequential's index included: setattr "1" replaces it)."""
+    parent, _, name = path.rpartition(".")
+    setattr(module.get_submodule(parent), name, replacement)
+
+
+@pytest.mark.parametrize(("path", "replacement"), [
+    ("out.0", nn.Identity()), ("out.1", nn.Identity()), ("out.2", nn.Conv2d(16, 3, 1)),
+    ("input_blocks.3.1.qkv", nn.Conv1d(32, 96, 1)), ("middle_block.1.proj_out", nn.Identity()),
+])
+def test_unet_runs_its_declared_layers_with_the_output_site_before_the_last_conv(path,
+                                                                                replacement):
+    net = _randomised(_unet())
+    x, t = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([1, 9])
+    seen = {}
+
+    def record(h, site):
+        seen[site] = h
+        return torch.zeros_like(h) if site == "output" else h
+
+    silenced = net(x, t, modulation=record)
+    # the site is after the activation (SiLU >= -0.279) and only the last conv follows it
+    assert seen["output"].min() >= -0.28 and seen["output"].min() < 0
+    torch.testing.assert_close(silenced, net.out[2].bias[None, :, None, None].expand_as(silenced))
+    before = net(x, t)
+    _replace(net, path, _randomised(replacement, seed=1))
+    assert not torch.allclose(net(x, t), before, atol=1e-4)

@@ -106,8 +106,8 @@ def test_tiny_run_rows_schema_and_outputs(bench, tmp_path, capsys):
 def test_rows_divide_by_the_same_widths_vanilla(bench):
     report = sys.modules["benchmark_report"]
 
-    def case(name, width, train, sample, eta=1):
-        return SimpleNamespace(name=name, width=width, params=10, eta_samples=eta,
+    def case(name, width, train, sample, eta=1, kernels="all"):
+        return SimpleNamespace(name=name, width=width, kernels=kernels, params=10, eta_samples=eta,
                                train_ms=train, sample_ms=sample,
                                train_cpu_ms=[2 * v for v in train],
                                sample_cpu_ms=[3 * v for v in sample])
@@ -117,7 +117,7 @@ def test_rows_divide_by_the_same_widths_vanilla(bench):
         case("smd_mixture_M4", 8, [8.0, 10.0, 12.0], [3.0, 3.0, 9.0], eta=4),
         case("vanilla", 16, [5.0, 5.0, 5.0], [2.0, 2.0, 2.0]),
         case("smd_paper", 16, [6.0, 7.0, 100.0], [1.0, 3.0, 4.0]),
-    ], {("smd_paper", 16): {"peak_mem_mb": 12.5}})
+    ], {("smd_paper", 16, "all"): {"peak_mem_mb": 12.5}})
     by = {r["name"]: r for r in rows}
     mix, smd = by["smd_mixture_M4@w8"], by["smd_paper@w16"]
     # medians, and ratios against the vanilla of the same width only
@@ -136,3 +136,69 @@ def test_memory_child_reports_peaks(bench):
     assert mem["sample_mem_mb"] == pytest.approx(mem["sample_peak_mem_mb"]
                                                  - mem["rss_before_steps_mb"])
     assert mem["train_mem_mb"] == pytest.approx(mem["peak_mem_mb"] - mem["rss_before_steps_mb"])
+
+
+def test_rows_of_several_kernel_sets_divide_by_their_own_vanilla(bench):
+    report = sys.modules["benchmark_report"]
+
+    def case(name, kernels, train, sample):
+        return SimpleNamespace(name=name, width=8, kernels=kernels, params=10, eta_samples=1,
+                               train_ms=[train], sample_ms=[sample], train_cpu_ms=[train],
+                               sample_cpu_ms=[sample])
+
+    rows = report.make_rows([case("vanilla", "all", 10.0, 4.0), case("smd_paper", "all", 11.0, 5.0),
+                             case("vanilla", "none", 20.0, 8.0),
+                             case("smd_paper", "none", 33.0, 6.0)],
+                            {("smd_paper", 8, "none"): {"peak_mem_mb": 3.0}})
+    by = {r["name"]: r for r in rows}
+    assert set(by) == {"vanilla@w8[all]", "smd_paper@w8[all]", "vanilla@w8[none]",
+                       "smd_paper@w8[none]"}
+    assert by["smd_paper@w8[all]"]["train_ratio_vs_vanilla"] == pytest.approx(1.1)
+    assert by["smd_paper@w8[none]"]["train_ratio_vs_vanilla"] == pytest.approx(1.65)
+    assert by["smd_paper@w8[none]"]["peak_mem_mb"] == 3.0
+    assert by["smd_paper@w8[all]"]["peak_mem_mb"] is None
+    lines = report.goals(rows)
+    assert "w8 smd_paper: kernels none / all: train 3.000x (cpu 3.000x), sample 1.200x" in (
+        " ".join(lines))
+    assert any(line.endswith("[kernels none]") and "1.650x" in line for line in lines)
+    assert "| smd_paper | 8 | none |" in report.markdown_table(rows)
+
+
+def test_tiny_run_under_two_kernel_sets(bench, capsys):
+    payload = bench.main(["--widths", "8", "--batch", "2", "--image-size", "8", "--reps", "1",
+                          "--warmup", "0", "--memory", "none", "--threads", "1",
+                          "--cases", "vanilla", "smd_paper", "--kernels", "all", "all,-head_fold"])
+    rows = payload["rows"]
+    assert [(r["case"], r["kernels"]) for r in rows] == [
+        ("vanilla", "all"), ("smd_paper", "all"), ("vanilla", "all,-head_fold"),
+        ("smd_paper", "all,-head_fold")]
+    sets = payload["settings"]["kernel_sets"]
+    assert set(sets["all"]) - set(sets["all,-head_fold"]) == {"head_fold"}
+    assert "kernels all,-head_fold / all" in capsys.readouterr().out
+
+
+def test_unknown_kernel_is_refused_before_any_work(bench):
+    from ldm_smd.errors import UsageError
+
+    built = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(bench, "make_state", lambda *a, **k: built.append(a))
+        with pytest.raises(UsageError, match=r"--kernels='all,fold'.*\['fold'\]"):
+            bench.main(["--widths", "8", "--memory", "none", "--kernels", "none", "all,fold"])
+    assert built == []
+
+
+def test_memory_child_runs_under_its_kernel_set(bench):
+    memory = sys.modules["benchmark_memory"]
+    seen = []
+    cases = sys.modules["benchmark_cases"]
+    original = cases.CaseState.train_step
+
+    def spy(state):
+        seen.append(state.kernels)
+        return original(state)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cases.CaseState, "train_step", spy)
+        memory.memory_child("vanilla", 8, 2, 8, threads=1, kernels="none")
+    assert seen == ["none"]
