@@ -281,9 +281,10 @@ class GracefulStop(L.Callback):
     :attr:`stopped_at` is then the step. A second Ctrl-C stops at once (Lightning's own
     handling; the last checkpoint written before stays).
 
-    The handler is installed when training starts, in the main thread only, and the previous
-    one is put back when training ends, however it ends. With several processes the stop is
-    agreed on at every step, so every rank stops at the same one.
+    The handler is installed when training starts, in the main thread where Ctrl-C raises
+    ``KeyboardInterrupt`` (Python's default), and the previous one is put back when training
+    ends, however it ends. With several processes the stop is agreed on at every step, so every
+    rank stops at the same one.
 
     Args:
         path: the checkpoint written at the stop (the run's ``last.ckpt``).
@@ -303,7 +304,10 @@ class GracefulStop(L.Callback):
               "stops at once)", flush=True)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if threading.current_thread() is threading.main_thread():
+        # only where Ctrl-C would raise KeyboardInterrupt: not off the main thread, nor where
+        # SIGINT is ignored (a background job of a script) or handled by someone else
+        if threading.current_thread() is threading.main_thread() \
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
             self._previous = signal.signal(signal.SIGINT, self._on_sigint)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
