@@ -947,16 +947,23 @@ def test_ctrl_c_while_a_png_is_written_removes_the_half_written_file(tmp_path, m
 
 # ----------------------------------------------------------------------------- silently wrong
 
-def test_a_checkpoint_with_nan_weights_is_refused_before_sampling(tmp_path, stage2, capsys):
+@pytest.mark.parametrize("poisoned,refused_with,samples_with", [
+    ("model_ema.", [], ["--no-ema"]),  # the EMA samples by default
+    ("model.diffusion_model.", ["--no-ema"], []),
+])
+def test_a_checkpoint_with_nan_weights_is_refused_before_sampling(
+        tmp_path, stage2, capsys, poisoned, refused_with, samples_with):
     state = load_checkpoint(stage2)
-    name = next(k for k in state["state_dict"] if k.startswith("model.diffusion_model.out"))
+    name = next(k for k, v in state["state_dict"].items()
+                if k.startswith(poisoned) and v.is_floating_point() and v.dim() > 1)
     state["state_dict"][name] = torch.full_like(state["state_dict"][name], float("nan"))
     bad = tmp_path / "nan.ckpt"
     torch.save(state, bad)
-    code, _, err = _sample(capsys, bad, tmp_path / "s")
+    code, _, err = _sample(capsys, bad, tmp_path / "s", *refused_with)
     assert_named(code, err, "sample", str(bad), "1 weight tensor(s) hold NaN or infinite values",
                  name)
     assert not (tmp_path / "s").exists()
+    assert _sample(capsys, bad, tmp_path / "s", *samples_with)[0] == 0  # the others are finite
 
 
 def test_an_image_smaller_than_the_data_size_is_named_when_enlarged(tmp_path, capsys):
