@@ -214,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "images/); a folder holding other files is still refused")
     p.add_argument("--n", type=_positive, default=16, help="number of samples")
     p.add_argument("--steps", type=_positive, default=None,
-                   help="sampler steps, 1..T (default: the checkpoint's sampler.steps, else T)")
+                   help="sampler steps, 1..T (default: the checkpoint's "
+                        "model.params.sampler.params.steps, else T)")
     p.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp"], default=None,
                    help="sampler (default: the checkpoint's model.params.sampler.params.kind)")
     p.add_argument("--spacing", choices=["uniform", "trailing", "quadratic"], default=None,

@@ -1156,7 +1156,10 @@ def test_the_printed_logs_exist_and_small_datasets_raise_no_lightning_warning(
 def test_sample_help_names_the_sampler_key():
     text = subprocess.run([sys.executable, "-m", "ldm_smd", "sample", "--help"], env=_child_env(),
                           capture_output=True, text=True, check=True).stdout
-    assert "model.params.sampler.params.kind" in text and "sampler.name" not in text
+    text = " ".join(text.split())
+    assert "the checkpoint's model.params.sampler.params.kind" in text
+    assert "the checkpoint's model.params.sampler.params.steps" in text
+    assert "sampler.name" not in text and "checkpoint's sampler.steps" not in text
 
 
 def test_a_missing_config_is_named_before_torch_is_imported_with_polite_openmp(tmp_path):
