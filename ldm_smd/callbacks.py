@@ -3,7 +3,8 @@
 - :class:`AtomicCheckpointIO`: checkpoints written to a temporary name then renamed, and read
   back weights-only, so the ``last`` checkpoint is always complete and never runs code.
 - :class:`NanGuard`: a non-finite loss term or gradient stops training with a message naming the
-  step and the term (the last good checkpoint stays), or skips the batch and counts it.
+  step and the term (earlier checkpoints stay; ``train`` says which), or skips the batch and
+  counts it.
 - :class:`RngStates`: the global torch / numpy / ``random`` (and CUDA) RNG states travel in the
   checkpoint, so code that draws from them (dropout, a dataset's own augmentation) resumes exactly.
 - :class:`FinalCheckpoint`: writes ``last.ckpt`` after the final batch, resumable exactly.
