@@ -1026,7 +1026,7 @@ def _run_with_step_checkpoints(stage2: Path, dst: Path, capsys) -> Path:
     return run
 
 
-@pytest.mark.parametrize("damage", ["cut off", "truncated"])
+@pytest.mark.parametrize("damage", ["cut off", "truncated", "older"])
 def test_resume_uses_the_newest_complete_checkpoint_when_last_is_missing_or_damaged(
         tmp_path, stage2, capsys, damage):
     run = _run_with_step_checkpoints(stage2, tmp_path / "run", capsys)
@@ -1036,9 +1036,12 @@ def test_resume_uses_the_newest_complete_checkpoint_when_last_is_missing_or_dama
         last.unlink()
         (run / "checkpoints" / ".last.ckpt.abc123.tmp").write_bytes(data[: len(data) // 2])
         why = "last.ckpt is missing (its write was cut off: .last.ckpt.abc123.tmp)"
-    else:
+    elif damage == "truncated":
         last.write_bytes(data[: len(data) // 2])
         why = "last.ckpt is damaged (checkpoint"
+    else:  # stopped after writing step=2.ckpt, before last.ckpt (still step 1's)
+        shutil.copy(stage2, last)
+        why = "step=2.ckpt is newer than last.ckpt (step 1)"
     # a fresh train into it recommends --resume, which now works
     code, _, err = run_cli(capsys, "train", "--config", DEMO / "ldm-vanilla.yaml", *PIXEL,
                            f"run_dir={run}")
