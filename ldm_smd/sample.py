@@ -249,8 +249,8 @@ def _sample(model: LatentDiffusion, out_dir: Path, *, n: int, seed: int, batch_s
             save_singles(images, out_dir / "images", start=first)
             chunks.append(images)
     except KeyboardInterrupt:
-        done = len(list((out_dir / "images").glob("*.png"))) if (out_dir / "images").is_dir() \
-            else 0
+        folder = out_dir / "images"
+        done = len(list(folder.glob("*.png"))) if folder.is_dir() else 0
         names = f" (000000.png .. {done - 1:06d}.png)" if done else ""
         raise Interrupted(
             f"{done} of {n} samples are complete in {out_dir / 'images'}{names}; grid.png and "
