@@ -65,7 +65,8 @@ def test_nan_stops_with_step_and_term_and_keeps_last_good_checkpoint(tmp_path):
         train(DEMO / "ldm-vanilla.yaml", PIXEL + [f"run_dir={tmp_path}", "trainer.max_steps=5"])
     message = str(err.value)
     assert f"at step {NAN_AT}" in message and "loss term(s) loss" in message
-    assert "last good checkpoint" in message
+    assert f"the last complete checkpoint {tmp_path / 'checkpoints' / 'last.ckpt'} is kept" \
+        in message
     last = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
     assert last["global_step"] == NAN_AT and _finite(last["state_dict"])
     assert not (tmp_path / "checkpoints" / f"step={NAN_AT + 1}.ckpt").exists()
@@ -113,3 +114,26 @@ def test_gradient_check_is_exact_where_the_fast_norm_overflows():
     for bad in (float("nan"), float("inf")):
         grads = [torch.ones(3), torch.tensor([1.0, bad]), torch.ones(2, dtype=torch.float64)]
         assert not _all_finite(grads)
+
+
+def test_graceful_stop_leaves_an_ignored_or_foreign_sigint_alone():
+    import signal
+
+    from ldm_smd.callbacks import GracefulStop
+
+    def foreign(signum, frame):
+        return None
+
+    for handler in (signal.SIG_IGN, foreign):  # a script's background job; someone else's
+        previous = signal.signal(signal.SIGINT, handler)
+        try:
+            stop = GracefulStop(path="unused.ckpt")
+            stop.on_train_start(None, None)
+            assert signal.getsignal(signal.SIGINT) is handler
+        finally:
+            signal.signal(signal.SIGINT, previous)
+    stop = GracefulStop(path="unused.ckpt")
+    stop.on_train_start(None, None)  # Python's default: Ctrl-C now stops after the step
+    assert signal.getsignal(signal.SIGINT) == stop._on_sigint
+    stop.teardown(None, None, "fit")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

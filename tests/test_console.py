@@ -12,10 +12,10 @@ from types import SimpleNamespace
 import pytest
 import tiny_configs
 
-from ldm_smd.callbacks import StepRichProgressBar, StepTQDMProgressBar
 from ldm_smd.cli import build_parser
 from ldm_smd.cli import main as cli
 from ldm_smd.console import HARMLESS_INFO, HARMLESS_WARNINGS
+from ldm_smd.progress import StepRichProgressBar, StepTQDMProgressBar, mean_rate
 
 DEMO = tiny_configs.DEMO
 TINY_AE = tiny_configs.QUIET + tiny_configs.tiny_data(batch=2, length=8) + [
@@ -97,6 +97,36 @@ def test_progress_bar_after_a_mid_epoch_resume(bar):
     assert instance._get_train_description(1).strip() == "Epoch 1/2"
     trainer.max_steps, trainer.global_step, progress.current.ready = -1, 10, 0
     assert instance.total_train_batches == 3125
+
+
+def test_the_bar_rate_is_the_mean_over_this_sessions_steps():
+    assert mean_rate(0, 5.0) == "" and mean_rate(3, None) == ""
+    assert mean_rate(30, 10.0) == "3.00it/s"
+    assert mean_rate(10, 30.0) == "3.00s/it"  # 0.33 steps a second reads as seconds a step
+    bar = StepRichProgressBar()
+    (column,) = [c for c in bar.configure_columns(None) if type(c).__name__ == "MeanRateColumn"]
+    # resumed at batch 80 of the epoch, 20 steps done in 40 s since: 0.5 steps a second
+    task = SimpleNamespace(completed=100, elapsed=40.0, fields={"done_before": 80})
+    assert column.render(task).plain == "2.00s/it"
+    assert not [c for c in bar.configure_columns(None)
+                if type(c).__name__ == "ProcessingSpeedColumn"]  # Rich's windowed speed
+
+
+def test_the_tqdm_rate_counts_only_this_sessions_steps():
+    progress = SimpleNamespace(current=SimpleNamespace(ready=80))  # resumed at batch 80
+    trainer = SimpleNamespace(
+        num_training_batches=3125, max_steps=129, global_step=80, max_epochs=-1, current_epoch=0,
+        fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)),
+    )
+    bar = StepTQDMProgressBar()
+    bar._trainer = trainer
+    bar.train_progress_bar = bar.init_train_tqdm()
+    bar.on_train_epoch_start(trainer)
+    tqdm_bar = bar.train_progress_bar
+    tqdm_bar.n = 90  # 10 steps of this session in 10 s: 1 step a second, not 9
+    line = tqdm_bar.format_meter(**{**tqdm_bar.format_dict, "elapsed": 10.0})
+    tqdm_bar.close()
+    assert "90/129" in line and "1.00it/s" in line
 
 
 def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:

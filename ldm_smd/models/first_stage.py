@@ -9,6 +9,7 @@ one config key ``first_stage: identity``. Which scale factor is used is decided 
 from __future__ import annotations
 
 import math
+import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -112,7 +113,8 @@ def resolve_scale_factor(
         return float(value), source
     raise ConfigError(
         f"model.params.scale_factor is not set and the first stage {first_stage} records none: "
-        f"run `ldm-smd scale-factor --ckpt {first_stage} --config DATA.yaml --write STAGE2.yaml` "
+        f"run `ldm-smd scale-factor --ckpt {shlex.quote(first_stage)} --config DATA.yaml --write "
+        f"STAGE2.yaml` "
         f"(or put the value it prints into model.params.scale_factor)"
     )
 
