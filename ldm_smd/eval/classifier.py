@@ -42,12 +42,12 @@ from torch import nn
 
 from ldm_smd.checkpoints import (
     CheckpointError,
-    atomic_write,
     load_checkpoint,
     load_state_dict_strict,
 )
 from ldm_smd.data.mnist5k import NUM_CLASSES, arrays_hash, load_split, to_images
 from ldm_smd.errors import UsageError
+from ldm_smd.fileio import atomic_write
 
 CLASSIFIER_NAME = "classifier.safetensors"
 TRAIN_COMMAND = "ldm-smd train-classifier --data {data}"

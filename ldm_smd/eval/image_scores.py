@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ldm_smd.checkpoints import CheckpointError, check_writable
+from ldm_smd.checkpoints import CheckpointError
 from ldm_smd.data.mnist5k import (
     DIGIT_SIZE,
     NUM_CLASSES,
@@ -61,6 +61,7 @@ from ldm_smd.eval.fid import (
     list_images,
     load_uint8_array,
 )
+from ldm_smd.fileio import check_writable
 from ldm_smd.images import to_uint8
 from ldm_smd.jsonio import write_json
 

@@ -28,9 +28,16 @@ objective give identical errors, so training starts at the symmetric point where
 ignored and, on the mixture benchmark, stays there.
 
 Placements: ``"input_output"`` (the reference: after the input layer and before the output
-layer), ``"every_level"`` (every site the backbone declares) and ``"output"`` (one hypernetwork
-before the output layer only). With ``"output"`` the ``num_eta_samples`` draws of one call share
-a single backbone pass: only ``g``, the hypernetwork and the output layer run once per draw.
+layer), ``"every_level"`` (every site the backbone declares), ``"output"`` (one hypernetwork
+before the output layer only) and ``"none"`` (no per-position latent: the image-level latent
+alone). With ``"output"`` or ``"none"`` the ``num_eta_samples`` draws of one call share a single
+backbone pass, or its encoder when the image-level latent is on: only ``g``, the hypernetwork, the
+decoder that sees the image-level code and the output layer run once per draw.
+
+The image-level latent (``image_latent_dim > 0``, :mod:`ldm_smd.nn.image_latent`): a part of
+``eta`` drawn once per picture, turned into one code per picture that the backbone adds to the
+time embedding of its middle block and decoder, so that the whole picture follows one draw. The
+authors' per-position form is ``image_latent_dim: 0`` with any placement but ``"none"``.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from torch import nn
 
 from ldm_smd.nn import kernels
 from ldm_smd.nn.hypernet import HYPERNET_BOUNDS, HYPERNET_INITS, Hypernetwork
+from ldm_smd.nn.image_latent import ImageLatentGenerator
 from ldm_smd.nn.layers import (
     Downsample,
     PointwiseConv2d,
@@ -48,9 +56,12 @@ from ldm_smd.nn.layers import (
     normalization,
     timestep_embedding,
 )
-from ldm_smd.rng import randn_like, repeat_generators, repeat_rows
+from ldm_smd.rng import randn, randn_like, repeat_generators, repeat_rows
 
-PLACEMENTS = ("input_output", "every_level", "output")
+PLACEMENTS = ("input_output", "every_level", "output", "none")
+#: placements whose eta draws share the backbone's pass (or, with the image-level latent, its
+#: encoder's): every modulated layer comes after it
+SHARED_PASS_PLACEMENTS = ("output", "none")
 
 
 class LatentGenerator(nn.Module):
@@ -138,14 +149,17 @@ class LatentGenerator(nn.Module):
 class SMDNetwork(nn.Module):
     """A backbone modulated by SMD, with the plain network call.
 
-    ``forward(x_t, t, generator=None, *, eta=None, num_eta_samples=1)``: draws ``eta`` with
-    ``ldm_smd.rng.randn`` unless given, computes ``z = g(eta, x_t, t)``, and runs
-    ``backbone(x_t, t, modulation=...)`` with one :class:`Hypernetwork` per used site. At sites
+    ``forward(x_t, t, generator=None, *, eta=None, eta_image=None, num_eta_samples=1)``: draws
+    ``eta_image`` (B, image_latent_dim) and then ``eta`` (``x_t``'s shape) with
+    ``ldm_smd.rng.randn`` unless given, computes the image-level code ``c = g_image(eta_image,
+    x_t, t)`` and ``z = g(eta, x_t, t)``, and runs ``backbone(x_t, t, modulation=...,
+    context=c)`` with one :class:`Hypernetwork` per used site. At sites
     coarser than the input (``every_level``), ``z`` is average-pooled to the site's resolution.
     With ``num_eta_samples = M > 1`` it returns ``M * B`` rows, row ``i + m * B`` being example
     ``i`` under its ``m``-th draw of ``eta`` (per-row generators are tiled with
     :func:`ldm_smd.rng.repeat_generators`, so the ``M`` draws of a row are consecutive draws of
-    its generator); with placement ``"output"`` the backbone runs once for all ``M``. The class
+    its generator); with placement ``"output"`` or ``"none"`` the backbone (its encoder, with the
+image-level latent) runs once for all ``M``. The class
     attribute ``draws_eta = True`` declares this (read by the multi-eta objectives and the
     config check: :func:`ldm_smd.diffusion.multi_eta.draws_eta`).
 
@@ -154,15 +168,21 @@ class SMDNetwork(nn.Module):
             ``spatial_dims`` (2 for NCHW images, 0 for vectors), ``modulation_sites``
             (site -> channels), ``modulation_site_strides`` (site -> downsampling factor) and
             accept ``modulation=`` in its forward, applying the ``"output"`` site right before
-            its output layer (a modulation may return more rows than it was given there).
+            its output layer (a modulation may return more rows than it was given there); for
+            the image-level latent also ``context_channels`` and ``context=`` (R codes per
+            example, R times the rows out: :class:`~ldm_smd.nn.unet.UNetModel`).
         latent_dim: width ``d`` of the latent ``z`` (reference 100).
         hypernet_layers: number ``L`` of factors ``M_l`` per hypernetwork (reference 2).
         generator_width: base width of ``g``; None -> ``max(8, backbone.model_channels // 4)``.
-        placement: ``"input_output"`` (the reference), ``"every_level"`` or ``"output"`` (one
-            site before the output layer; the eta draws of a call share one backbone pass).
+        placement: ``"input_output"`` (the reference), ``"every_level"``, ``"output"`` (one
+            site before the output layer; the eta draws of a call share one backbone pass) or
+            ``"none"`` (no per-position latent; needs ``image_latent_dim > 0``).
         hypernet_bound: ``"tanh"`` (bounded, default) or ``"none"`` (reference, unbounded).
         hypernet_init: ``"default"`` (the authors') or ``"zero"`` (identity at initialisation).
         generator_global_context: images: give ``g`` a global path (see :class:`LatentGenerator`).
+        image_latent_dim: size of the per-picture part of ``eta`` (0: none, the authors' form).
+        image_latent_width: width of the image-level generator
+            (:class:`~ldm_smd.nn.image_latent.ImageLatentGenerator`); None -> the generator width.
     """
 
     draws_eta = True
@@ -178,6 +198,8 @@ class SMDNetwork(nn.Module):
         hypernet_bound: str = "tanh",
         hypernet_init: str = "default",
         generator_global_context: bool = False,
+        image_latent_dim: int = 0,
+        image_latent_width: int | None = None,
     ):
         super().__init__()
         if placement not in PLACEMENTS:
@@ -196,6 +218,12 @@ class SMDNetwork(nn.Module):
             raise ValueError(f"hypernet_layers must be >= 1, got {hypernet_layers}")
         if generator_width is not None and generator_width < 1:
             raise ValueError(f"generator_width must be >= 1 or None, got {generator_width}")
+        if image_latent_dim < 0 or (image_latent_width is not None and image_latent_width < 1):
+            raise ValueError(f"image_latent_dim must be >= 0 and image_latent_width >= 1 or None, "
+                             f"got {image_latent_dim} and {image_latent_width}")
+        if placement == "none" and not image_latent_dim:
+            raise ValueError("placement='none' leaves SMD without a latent: set image_latent_dim "
+                             "> 0 (the per-picture latent) or choose a placement")
         required = ("in_channels", "model_channels", "spatial_dims", "modulation_sites",
                     "modulation_site_strides")
         missing = [name for name in required if not hasattr(backbone, name)]
@@ -207,8 +235,16 @@ class SMDNetwork(nn.Module):
         if backbone.spatial_dims not in (0, 2):
             raise ValueError(f"SMDNetwork: backbone.spatial_dims must be 0 or 2, got "
                              f"{backbone.spatial_dims}")
+        if image_latent_dim and not hasattr(backbone, "context_channels"):
+            raise ValueError(
+                f"SMDNetwork: image_latent_dim={image_latent_dim} needs a backbone that takes an "
+                f"image-level code (context_channels, forward(..., context=...)); "
+                f"{type(backbone).__name__} does not"
+            )
         sites = dict(backbone.modulation_sites)
-        if placement != "every_level":
+        if placement == "none":
+            sites = {}
+        elif placement != "every_level":
             wanted = ("output",) if placement == "output" else ("input", "output")
             absent = [s for s in wanted if s not in sites]
             if absent:
@@ -232,7 +268,14 @@ class SMDNetwork(nn.Module):
             width=width,
             spatial=backbone.spatial_dims == 2,
             global_context=generator_global_context and backbone.spatial_dims == 2,
-        )
+        ) if sites else None
+        self.image_latent_dim = int(image_latent_dim)
+        self.image_generator = ImageLatentGenerator(
+            in_channels=backbone.in_channels,
+            latent_dim=self.image_latent_dim,
+            code_channels=backbone.context_channels,
+            width=image_latent_width or width,
+        ) if image_latent_dim else None
         self.hypernets = nn.ModuleDict(
             {
                 site: Hypernetwork(channels=ch, latent_dim=latent_dim,
@@ -251,9 +294,21 @@ class SMDNetwork(nn.Module):
                              f"{tuple(x_t.shape)}")
         return eta
 
+    def _eta_image(self, rows: int, like: torch.Tensor, generator,
+                   eta_image: torch.Tensor | None) -> torch.Tensor:
+        shape = (rows, self.image_latent_dim)
+        if eta_image is None:
+            return randn(shape, generator=generator, device=like.device, dtype=like.dtype)
+        if tuple(eta_image.shape) != shape:
+            raise ValueError(f"SMDNetwork: eta_image shape {tuple(eta_image.shape)} != {shape}")
+        return eta_image
+
     def latent(self, x_t: torch.Tensor, t: torch.Tensor, generator=None, *,
                eta: torch.Tensor | None = None) -> torch.Tensor:
-        """``z = g(eta, x_t, t)``, drawing ``eta`` from ``generator`` when not given."""
+        """The per-position ``z = g(eta, x_t, t)``, drawing ``eta`` from ``generator`` when not
+        given."""
+        if self.generator is None:
+            raise ValueError("SMDNetwork: placement='none' has no per-position latent")
         eta = self._eta(x_t, generator, eta)
         return self.generator(eta, x_t, _per_row(t, x_t).to(x_t.device))
 
@@ -274,15 +329,22 @@ class SMDNetwork(nn.Module):
         return out
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, generator=None, *,
-                eta: torch.Tensor | None = None, num_eta_samples: int = 1) -> torch.Tensor:
+                eta: torch.Tensor | None = None, eta_image: torch.Tensor | None = None,
+                num_eta_samples: int = 1) -> torch.Tensor:
         M = num_eta_samples
         t = _per_row(t, x_t)
         x_all, t_all = x_t, t
         if M > 1:  # the M copies of each row: rows i + m * B
             x_all, t_all = repeat_rows(x_t, M), repeat_rows(t, M)
             generator = repeat_generators(generator, M)
-            if self.placement != "output":  # else the backbone runs once for all M draws
+            if self.placement not in SHARED_PASS_PLACEMENTS:  # the whole backbone per draw
                 x_t, t = x_all, t_all
+        context = None
+        if self.image_generator is not None:  # drawn first: the authors' form draws as before
+            eta_image = self._eta_image(x_all.shape[0], x_t, generator, eta_image)
+            context = self.image_generator(eta_image, x_t, t)
+        if not self.hypernets:
+            return self.backbone(x_t, t, generator, context=context)
         site_v = self.site_vectors(self._eta(x_all, generator, eta), x_all, t_all)
 
         def modulation(h: torch.Tensor, site: str) -> torch.Tensor:
@@ -297,7 +359,9 @@ class SMDNetwork(nn.Module):
                 )
             return self.hypernets[site].modulate(h, v)
 
-        return self.backbone(x_t, t, generator, modulation=modulation)
+        if context is None:
+            return self.backbone(x_t, t, generator, modulation=modulation)
+        return self.backbone(x_t, t, generator, modulation=modulation, context=context)
 
 
 def _per_row(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

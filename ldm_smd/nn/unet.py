@@ -10,6 +10,13 @@ Modulation sites (used by :class:`ldm_smd.nn.smd.SMDNetwork`; ``modulation(h, si
         ``model_channels * channel_mult[i]`` channels at stride ``2**i``;
     ``"output"``: on the map the final 3x3 convolution consumes (after the last GroupNorm + SiLU),
         ``model_channels`` channels, stride 1.
+
+Image-level code (``context``, used by SMD's per-picture latent): a (R B, ``context_channels``)
+tensor added to the time embedding of the middle block and of every decoder block, so it reaches
+every resolution of the decoder through each residual block's embedding path. The encoder does
+not see it, so R codes per example (R draws of SMD's ``eta``) share one encoder pass: its output
+and skip connections are tiled R times (rows ``i + r B``, :func:`ldm_smd.rng.repeat_rows`) before
+the middle block, and the result has R B rows.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from ldm_smd.nn.layers import (
     timestep_embedding,
     zero_module,
 )
+from ldm_smd.rng import repeat_rows
 
 Modulation = Callable[[torch.Tensor, str], torch.Tensor]
 
@@ -36,9 +44,10 @@ Modulation = Callable[[torch.Tensor, str], torch.Tensor]
 class UNetModel(nn.Module):
     """Timestep-conditioned attention UNet (CompVis ``UNetModel``, unconditional).
 
-    Called as ``forward(x, t, generator=None, *, modulation=None)``; returns a tensor with
-    ``out_channels`` channels and ``x``'s spatial size (which must be divisible by
-    ``2 ** (len(channel_mult) - 1)``). ``generator`` is accepted and ignored (a plain backbone
+    Called as ``forward(x, t, generator=None, *, modulation=None, context=None)``; returns a
+    tensor with ``out_channels`` channels and ``x``'s spatial size (which must be divisible by
+    ``2 ** (len(channel_mult) - 1)``), and R times ``x``'s rows when ``context`` holds R codes
+    per example (module docstring). ``generator`` is accepted and ignored (a plain backbone
     draws nothing).
 
     Args:
@@ -96,6 +105,7 @@ class UNetModel(nn.Module):
         self.spatial_dims = 2
 
         emb_dim = model_channels * 4
+        self.context_channels = emb_dim  # the width of an image-level code (``context``)
         self.time_embed = nn.Sequential(
             nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
         )
@@ -178,8 +188,10 @@ class UNetModel(nn.Module):
         generator=None,
         *,
         modulation: Modulation | None = None,
+        context: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Predict from ``x`` (B, in_channels, H, W) at timesteps ``t`` (B,)."""
+        """Predict from ``x`` (B, in_channels, H, W) at timesteps ``t`` (B,); ``context`` is an
+        image-level code (R B, context_channels) for the middle block and the decoder."""
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"UNetModel: expected x of shape (B, {self.in_channels}, H, W), "
@@ -201,6 +213,12 @@ class UNetModel(nn.Module):
             if modulation is not None and i in self._site_after_block:
                 h = modulation(h, self._site_after_block[i])
             hs.append(h)
+        if context is not None:
+            draws = _draws(context, h)
+            if draws > 1:  # the encoder's pass is shared by the R codes of each example
+                h, emb = repeat_rows(h, draws), repeat_rows(emb, draws)
+                hs = [repeat_rows(skip, draws) for skip in hs]
+            emb = emb + context
         h = self.middle_block(h, emb)
         for block in self.output_blocks:
             h = block(torch.cat([h, hs.pop()], dim=1), emb)
@@ -208,3 +226,14 @@ class UNetModel(nn.Module):
         if modulation is not None:
             h = modulation(h, "output")
         return self.out[-1](h)
+
+
+def _draws(context: torch.Tensor, h: torch.Tensor) -> int:
+    """How many codes per example ``context`` holds for the batch of ``h``."""
+    draws = context.shape[0] // h.shape[0]
+    if context.dim() != 2 or draws < 1 or draws * h.shape[0] != context.shape[0]:
+        raise ValueError(
+            f"UNetModel: context of shape {tuple(context.shape)} must be (R * {h.shape[0]}, "
+            f"context_channels) for a batch of {h.shape[0]}"
+        )
+    return draws
