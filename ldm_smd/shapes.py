@@ -96,10 +96,14 @@ def _model_keys(params: Mapping[str, Any], shape: tuple[int, ...]) -> dict[str, 
 
 def check_shapes(config: Mapping[str, Any], model: Any, datamodule: Any) -> None:
     """Raise :class:`ConfigError` when the data, the first stage, the model's diffusion shape
-    and the network's channels do not fit together (a stage-2 model; others pass)."""
+    and the network's channels do not fit together; for a stage-1 model, when the data's
+    channels are not the autoencoder's ``ddconfig.in_channels``."""
     latent_shape = getattr(model, "latent_shape", None)
     params = (config.get("model") or {}).get("params") or {}
-    if latent_shape is None or not isinstance(params.get("network"), Mapping):
+    if latent_shape is None:  # stage 1: the autoencoder's own input channels
+        _check_autoencoder_input(params, example_shape(datamodule))
+        return
+    if not isinstance(params.get("network"), Mapping):
         return
     latent_shape = tuple(int(v) for v in latent_shape)
     architecture = (getattr(model, "hparams", {}) or {}).get("first_stage_config")
@@ -130,6 +134,18 @@ def check_shapes(config: Mapping[str, Any], model: Any, datamodule: Any) -> None
     raise ConfigError(
         f"model: {source}, so the diffusion variable is {_fmt(wanted)}, but the config says "
         f"{stated}: set " + " ".join(f"{k}={_value(v)}" for k, v in fix.items())
+    )
+
+
+def _check_autoencoder_input(params: Mapping[str, Any], image: tuple[int, ...] | None) -> None:
+    takes = (params.get("ddconfig") or {}).get("in_channels")
+    if image is None or takes is None or len(image) != 3 or image[0] == int(takes):
+        return
+    raise ConfigError(
+        f"data: the images have {image[0]} channel(s) ({_fmt(image)}), but "
+        f"model.params.ddconfig.in_channels is {takes}: set model.params.ddconfig.in_channels="
+        f"{image[0]} (with out_ch and lossconfig.params.disc_in_channels), or give "
+        f"{takes}-channel data (the image datasets' channels option)"
     )
 
 

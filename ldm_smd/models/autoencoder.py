@@ -100,10 +100,6 @@ class AutoencoderKL(L.LightningModule):
                 f"sees the images and their reconstructions"
             )
 
-    def image_channels(self) -> tuple[int, str]:
-        """``(channels of the images it is trained on, the config key that sets them)``."""
-        return self.hparams["ddconfig"]["in_channels"], "model.params.ddconfig.in_channels"
-
     # ------------------------------------------------------------------ helpers
     def _images(self, batch: Any) -> torch.Tensor:
         key = self.hparams["image_key"]
