@@ -15,8 +15,10 @@ more block::
 Run ``(method, T, seed)`` is :func:`run_config`: the base config with the method's overrides,
 ``model.params.schedule.params.num_timesteps = T`` and ``seed`` (which seeds the network's
 initialisation, the training draws and the data; see :mod:`ldm_smd.rng`). :func:`validate_bench`
-is part of :func:`ldm_smd.config.validate_config`: it checks the block, the model of every method
-and the config that the ``quick`` overrides make, before any work.
+is registered with the config loader (:func:`ldm_smd.config.register_section`) when this module is
+imported (the package's ``__init__`` imports it), so :func:`ldm_smd.config.validate_config` checks
+the block, the model of every method and the config that the ``quick`` overrides make wherever a
+benchmark config is loaded, before any work.
 """
 
 from __future__ import annotations
@@ -29,13 +31,14 @@ from omegaconf import OmegaConf
 
 from ldm_smd.config import (
     ConfigError,
-    _signature_params,
-    _type_name,
     apply_overrides,
     check_type,
     import_target,
     is_spec,
+    register_section,
+    signature_params,
     to_plain,
+    type_name,
     validate_config,
     validate_spec,
 )
@@ -75,7 +78,7 @@ def run_config(config: Mapping[str, Any], method: str, T: int, seed: int) -> dic
     params["seed"] = int(seed)
     run["seed"] = int(seed)
     data = run.get("data")
-    if is_spec(data) and "seed" in _signature_params(import_target(data["target"]))[0]:
+    if is_spec(data) and "seed" in signature_params(import_target(data["target"]))[0]:
         data["params"] = {**(data.get("params") or {}), "seed": int(seed)}
     return run
 
@@ -122,7 +125,7 @@ def validate_bench(config: Mapping[str, Any], *, source: str) -> None:
         if key not in BENCH_KEYS:
             raise ConfigError(f"bench.{key}: unknown key; valid: {', '.join(sorted(BENCH_KEYS))}")
         if not check_type(value, BENCH_KEYS[key][0]):
-            raise ConfigError(f"bench.{key}: expected {_type_name(BENCH_KEYS[key][0])}, got "
+            raise ConfigError(f"bench.{key}: expected {type_name(BENCH_KEYS[key][0])}, got "
                               f"{value!r}")
     if not bench.get("methods"):
         raise ConfigError("bench.methods: give at least one method (name: overrides of "
@@ -150,3 +153,8 @@ def validate_bench(config: Mapping[str, Any], *, source: str) -> None:
             validate_config(apply_overrides(conf, quick, source=source), source=source)
         except ConfigError as exc:
             raise ConfigError(f"{source}: bench.quick: {exc}") from exc
+
+
+register_section("bench", validate=validate_bench,
+                 summary="benchmark runs of this config: methods, T_list, seeds, ... (ldm-smd "
+                         "bench)")

@@ -66,3 +66,39 @@ def test_impossible_benchmarks_are_refused_at_load(override, match):
     ring8 = next(p for p in MIXTURES if p.stem == "ring8")
     with pytest.raises(ConfigError, match=match):
         load_config(ring8, [override])
+
+
+def test_any_loader_checks_the_bench_block_though_the_config_module_imports_no_benchmark():
+    """A fresh interpreter that imports only the config loader still refuses a bad ``bench:``
+    block (the section registers itself through the package's ``__init__``)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from ldm_smd.config import ConfigError, load_config\n"
+            "assert 'ldm_smd.bench.runner' not in sys.modules\n"
+            f"try:\n    load_config({str(MIXTURES[0])!r}, ['bench.workerz=2'])\n"
+            "except ConfigError as exc:\n    print(exc)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=ROOT, check=True)
+    assert "bench.workerz: unknown key" in out.stdout
+
+
+def test_a_registered_section_is_validated_and_listed(monkeypatch):
+    from ldm_smd import config as cfg
+
+    seen = []
+
+    def check(config, *, source):
+        seen.append(source)
+        if config["extra"] != 1:
+            raise ConfigError("extra: must be 1")
+
+    monkeypatch.setitem(cfg.SECTIONS, "extra", cfg.ConfigSection(summary="x", validate=check))
+    base = {"model": {"target": "ldm_smd.nn.mlp.MLPDenoiser", "params": {"dim": 2}}}
+    validate_config({**base, "extra": 1}, source="a.yaml")
+    with pytest.raises(ConfigError, match="extra: must be 1"):
+        validate_config({**base, "extra": 2}, source="b.yaml")
+    assert seen == ["a.yaml", "b.yaml"]
+    monkeypatch.delitem(cfg.SECTIONS, "extra")
+    with pytest.raises(ConfigError, match=r"unknown top-level key.*extra.*; valid: .*bench"):
+        validate_config({**base, "extra": 1})
