@@ -378,19 +378,17 @@ def check_arguments(
     return accepted
 
 
-def _check_section(config: Mapping[str, Any], name: str, allowed: dict[str, type]) -> None:
-    section = config.get(name)
-    if section is None:
-        return
+def check_keys(section: Any, allowed: Mapping[str, Any], *, key: str) -> None:
+    """``section`` is a mapping whose every entry is a key of ``allowed`` holding a value of its
+    annotation; else a :class:`ConfigError` naming ``key.entry`` (and the valid keys). For the
+    plain sections of the language (``checkpoint``, ``logging``, ...) and those registered."""
     if not isinstance(section, Mapping):
-        raise ConfigError(f"{name}: expected a mapping, got {section!r}")
-    for key, value in section.items():
-        if key not in allowed:
-            raise ConfigError(f"{name}.{key}: unknown key; valid: {', '.join(sorted(allowed))}")
-        if not check_type(value, allowed[key]):
-            raise ConfigError(
-                f"{name}.{key}: expected {allowed[key].__name__}, got {value!r}"
-            )
+        raise ConfigError(f"{key}: expected a mapping, got {section!r}")
+    for name, value in section.items():
+        if name not in allowed:
+            raise ConfigError(f"{key}.{name}: unknown key; valid: {', '.join(sorted(allowed))}")
+        if not check_type(value, allowed[name]):
+            raise ConfigError(f"{key}.{name}: expected {type_name(allowed[name])}, got {value!r}")
 
 
 def validate_config(config: Mapping[str, Any], *, source: str = "config") -> None:
@@ -425,9 +423,12 @@ def validate_config(config: Mapping[str, Any], *, source: str = "config") -> Non
             )
         check_arguments(trainer, Trainer, key="trainer", label="lightning.Trainer",
                         excluded=TRAINER_SET_BY_US)
-    _check_section(config, "checkpoint", CHECKPOINT_KEYS)
-    _check_section(config, "logging", LOGGING_KEYS)
-    _check_section(config, "nan_guard", NAN_GUARD_KEYS)
+    if config.get("checkpoint") is not None:
+        check_keys(config["checkpoint"], CHECKPOINT_KEYS, key="checkpoint")
+    if config.get("logging") is not None:
+        check_keys(config["logging"], LOGGING_KEYS, key="logging")
+    if config.get("nan_guard") is not None:
+        check_keys(config["nan_guard"], NAN_GUARD_KEYS, key="nan_guard")
     action = (config.get("nan_guard") or {}).get("action", "stop")
     if action not in ("stop", "skip"):
         raise ConfigError(f"nan_guard.action: {action!r} is not one of: stop, skip")

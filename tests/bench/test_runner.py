@@ -1,5 +1,6 @@
-"""The mixture benchmark end to end on the shipped ring8 config, shrunk by overrides: every run is
-an ordinary stage-2 run (its config loads as one, its checkpoint reloads and samples the same)."""
+"""The benchmark end to end on the shipped ring8 config, shrunk by overrides: every run is an
+ordinary stage-2 run (its config loads as one, its checkpoint reloads and samples the same); a
+second command on the same folder loses nothing; fast samplers and scores during training."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ from ldm_smd import rng
 from ldm_smd.bench.runner import SAMPLE_STREAM, run_mixture_benchmark
 from ldm_smd.config import ConfigError, instantiate, load_config
 from ldm_smd.errors import OutputError
+from ldm_smd.eval.bench_report import tabulate_results
 from ldm_smd.eval.mixture_metrics import mixture_metrics
-from ldm_smd.eval.mixture_report import tabulate_results
 from ldm_smd.sample import load_diffusion_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
