@@ -77,7 +77,7 @@ def _header(config: dict, config_path: Any, seeds: Sequence[int], wall: float,
         legend += (f" {', '.join(fast['samplers'])}: one {fast['method']} model per seed "
                    f"trained at T = {fast['base_T']} (the same budget), sampled with T steps "
                    f"({options}); its train s, ms/step and steps are that model's.")
-    return "\n".join(lines) + legend + "\n\n"
+    return "\n".join([*lines, legend, "", ""])
 
 
 def write_outputs(config: dict, config_path: Any, out: Path, runs: list[dict], rows: list[str],
