@@ -152,7 +152,7 @@ def metrics_vs_steps(
     if legend:
         fig.legend(list(legend.values()), list(legend), fontsize=8, loc="center left",
                    bbox_to_anchor=(1.0, 0.5))
-    return _save(fig, path)
+    return _save(fig, path, tight=True)
 
 
 def families_vs_steps(
@@ -243,10 +243,12 @@ def image_grid(images: np.ndarray, path: str | os.PathLike, *, nrow: int = 10,
     return str(path)
 
 
-def _save(fig, path: str | os.PathLike) -> str:
+def _save(fig, path: str | os.PathLike, *, tight: bool = False) -> str:
+    """Write ``fig`` as a PNG; ``tight``: crop to what is drawn (keeps a legend placed beside
+    the panels)."""
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")  # a legend beside the panels is kept
+    fig.savefig(path, dpi=110, bbox_inches="tight" if tight else None)
     plt.close(fig)
     return str(path)
 
