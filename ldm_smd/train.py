@@ -199,6 +199,7 @@ def build_run(
         check_resume(model, resume_from)
     datamodule = build_block("data", config["data"])
     setup_data(datamodule)
+    check_image_channels(model, datamodule)
     trainer = build_trainer(
         config, run_dir, extra_callbacks=extra_callbacks,
         shards_by_rank=bool(getattr(datamodule, "shards_by_rank", False)),
@@ -253,6 +254,25 @@ def setup_data(datamodule: Any) -> None:
         raise
     except (ValueError, FileNotFoundError, NotADirectoryError) as exc:
         raise DataError(f"data: {_first_line(exc)}") from exc
+
+
+def check_image_channels(model: Any, datamodule: Any) -> None:
+    """The training images have the channels the model is built for (its
+    ``image_channels()``: the first stage's or the pixel-space network's), read from the first
+    item of the training set; a mismatch is a :class:`ConfigError` naming both."""
+    expected = getattr(model, "image_channels", None)
+    dataset = getattr(datamodule, "train_dataset", None)
+    if expected is None or dataset is None or expected() is None:
+        return
+    channels, key = expected()
+    item = dataset[0]
+    image = item.get(getattr(datamodule, "image_key", "image")) if isinstance(item, dict) else item
+    if isinstance(image, torch.Tensor) and image.ndim == 3 and image.shape[0] != channels:
+        raise ConfigError(
+            f"the data gives {image.shape[0]}-channel images (data.params.train: "
+            f"{type(dataset).__name__}; see its channels option) but {key} is {channels}: "
+            f"build the model for {image.shape[0]} channel(s), or make the data give {channels}"
+        )
 
 
 def check_resume(model: L.LightningModule, ckpt_path: Path) -> None:

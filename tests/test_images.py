@@ -19,3 +19,16 @@ def test_uint8_quantisation_and_grid(tmp_path):
     singles = save_singles(torch.zeros(2, 3, 8, 8), tmp_path / "s", start=10)
     assert [p.name for p in singles] == ["000010.png", "000011.png"]
     assert np.asarray(Image.open(singles[0]))[0, 0].tolist() == [128, 128, 128]
+
+
+def test_one_channel_images_are_8_bit_grayscale_pngs(tmp_path):
+    x = torch.linspace(-1, 1, 3 * 8 * 8).view(3, 1, 8, 8)
+    grid = save_grid(x, tmp_path / "g.png", nrow=2)
+    with Image.open(grid) as image:
+        assert image.mode == "L" and image.size == (2 * 10 + 2, 2 * 10 + 2)
+        pixels = np.asarray(image)
+    np.testing.assert_array_equal(pixels[2:10, 2:10], to_uint8(x)[0, :, :, 0])
+    singles = save_singles(x, tmp_path / "s")
+    with Image.open(singles[2]) as image:
+        assert image.mode == "L"
+        np.testing.assert_array_equal(np.asarray(image), to_uint8(x)[2, :, :, 0])

@@ -12,6 +12,10 @@ Conversions to 8-bit RGB (every dataset of the package goes through :func:`to_rg
   alpha channel and keeps the colour values stored under transparent pixels;
 - CMYK, YCbCr, LAB, HSV -> RGB with PIL's conversion.
 
+With ``channels=1`` (:func:`decode_image`) the RGB image then becomes 8-bit grayscale with PIL's
+``convert("L")`` (ITU-R 601-2 luma, ``L = (19595 R + 38470 G + 7471 B + 32768) >> 16``), which
+gives a grayscale file back its own values exactly.
+
 EXIF orientation tags are not applied (as in CompVis' loaders; LSUN and CelebA-HQ carry none).
 A file that PIL cannot identify or fully decode (including a truncated file, unless the process
 set ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES``) raises :class:`CorruptImageError` naming the file.
@@ -34,6 +38,7 @@ from ldm_smd.errors import DataError
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 ALPHA_MODES = ("white", "black", "drop")
 CROP_MODES = ("center", "random")
+CHANNELS = (1, 3)
 INTERPOLATIONS = {
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
@@ -55,8 +60,11 @@ def check_choice(owner: str, name: str, value: str, choices: tuple[str, ...] | d
 
 
 def decode_image(source: str | os.PathLike[str] | bytes, *, name: str | None = None,
-                 alpha: str = "white") -> Image.Image:
-    """Decode a file path or encoded bytes to an 8-bit RGB PIL image (conversions above)."""
+                 alpha: str = "white", channels: int = 3) -> Image.Image:
+    """Decode a file path or encoded bytes to an 8-bit RGB PIL image, or an 8-bit grayscale
+    one with ``channels=1`` (conversions above)."""
+    if channels not in CHANNELS:
+        raise ValueError(f"decode_image: channels={channels} is not 1 or 3")
     label = name if name is not None else str(source) if not isinstance(source, bytes) else "bytes"
     if not isinstance(source, bytes) and not Path(source).is_file():
         raise FileNotFoundError(f"image file not found: {label}")
@@ -64,7 +72,8 @@ def decode_image(source: str | os.PathLike[str] | bytes, *, name: str | None = N
         stream = io.BytesIO(source) if isinstance(source, bytes) else source
         with Image.open(stream) as img:
             img.load()
-            return to_rgb(img, alpha=alpha)
+            rgb = to_rgb(img, alpha=alpha)
+            return rgb.convert("L") if channels == 1 else rgb
     except _DECODE_ERRORS as exc:
         raise CorruptImageError(f"cannot decode image {label}: {exc}") from exc
 
@@ -130,8 +139,12 @@ def resize_square(img: Image.Image, size: int | None, *, interpolation: str = "b
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
-    """8-bit RGB PIL image -> float32 (3, H, W) tensor in [-1, 1] (``v / 127.5 - 1``)."""
+    """8-bit RGB (or grayscale ``L``) PIL image -> float32 (3, H, W) (or (1, H, W)) tensor in
+    [-1, 1] (``v / 127.5 - 1``)."""
     arr = np.asarray(img, dtype=np.uint8)
-    if arr.ndim != 3 or arr.shape[2] != 3:
-        raise ValueError(f"to_tensor expects an RGB image, got an array of shape {arr.shape}")
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.ndim != 3 or arr.shape[2] not in CHANNELS:
+        raise ValueError(f"to_tensor expects an RGB or grayscale image, got an array of shape "
+                         f"{arr.shape}")
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)

@@ -1,10 +1,11 @@
 """Image folders, CompVis-style file lists and CelebA-HQ.
 
 Every item goes through the same steps (:class:`EncodedImageDataset`): decode with PIL and convert
-to 8-bit RGB (:mod:`ldm_smd.data.decode` documents each conversion), cut the largest square
-(``crop: center`` as CompVis, or ``random``), resize it to ``size`` with PIL, flip it left-right
-with probability ``flip_p``, and return ``{"image": float32 (3, size, size) in [-1, 1]}`` (plus
-``"path"`` when ``return_path`` is set). Random crops and flips draw from torch's global
+to 8-bit RGB, or to 8-bit grayscale with ``channels: 1`` (:mod:`ldm_smd.data.decode` documents
+each conversion), cut the largest square (``crop: center`` as CompVis, or ``random``), resize it
+to ``size`` with PIL, flip it left-right with probability ``flip_p``, and return
+``{"image": float32 (channels, size, size) in [-1, 1]}`` (plus ``"path"`` when ``return_path``
+is set). Random crops and flips draw from torch's global
 generator, which :class:`~ldm_smd.data.datamodule.ImageDataModule` seeds in each worker; for
 augmentation drawn from an explicit seeded generator use the DataModule's ``batch_augment``.
 
@@ -32,6 +33,7 @@ from torch.utils.data import Dataset
 
 from ldm_smd.data.decode import (
     ALPHA_MODES,
+    CHANNELS,
     CROP_MODES,
     IMAGE_EXTENSIONS,
     INTERPOLATIONS,
@@ -55,6 +57,7 @@ class EncodedImageDataset(Dataset):
         interpolation: PIL resampling for the resize: bicubic (CompVis' default), lanczos,
             bilinear, box or nearest.
         alpha: what happens to transparency: ``"white"`` / ``"black"`` composite, or ``"drop"``.
+        channels: 3 (RGB) or 1 (grayscale: the luma of the RGB image).
         skip_corrupt: replace undecodable images by the next readable one (with a warning)
             instead of raising.
         return_path: add the item's file path (or LMDB key) as ``"path"``.
@@ -68,6 +71,7 @@ class EncodedImageDataset(Dataset):
         flip_p: float = 0.0,
         interpolation: str = "bicubic",
         alpha: str = "white",
+        channels: int = 3,
         skip_corrupt: bool = False,
         return_path: bool = False,
     ) -> None:
@@ -79,11 +83,14 @@ class EncodedImageDataset(Dataset):
         check_choice(owner, "crop", crop, CROP_MODES)
         check_choice(owner, "interpolation", interpolation, INTERPOLATIONS)
         check_choice(owner, "alpha", alpha, ALPHA_MODES)
+        if channels not in CHANNELS:
+            raise ValueError(f"{owner}: channels={channels} is not 1 (grayscale) or 3 (RGB)")
         self.size = size
         self.crop = crop
         self.flip_p = float(flip_p)
         self.interpolation = interpolation
         self.alpha = alpha
+        self.channels = int(channels)
         self.skip_corrupt = skip_corrupt
         self.return_path = return_path
         self.num_skipped = 0  # undecodable items skipped in this process (per worker)
@@ -98,7 +105,7 @@ class EncodedImageDataset(Dataset):
     def load(self, index: int) -> dict[str, Any]:
         """Item ``index`` without skipping: raises CorruptImageError naming the file."""
         source, name = self._source(index)
-        img = decode_image(source, name=name, alpha=self.alpha)
+        img = decode_image(source, name=name, alpha=self.alpha, channels=self.channels)
         img = crop_square(img, mode=self.crop)
         img = resize_square(img, self.size, interpolation=self.interpolation)
         image = to_tensor(img)
@@ -210,6 +217,7 @@ class ImageOptions(TypedDict, total=False):
     flip_p: float
     interpolation: str
     alpha: str
+    channels: int
     skip_corrupt: bool
     return_path: bool
 
@@ -224,7 +232,8 @@ class ImageFolder(EncodedImageDataset):
         root: the folder.
         file_list: a text file of paths relative to ``root``, one per line; ``None`` scans.
         options: the decoding options (:class:`ImageOptions`: size, crop, flip_p,
-            interpolation, alpha, skip_corrupt, return_path; see :class:`EncodedImageDataset`).
+            interpolation, alpha, channels, skip_corrupt, return_path; see
+            :class:`EncodedImageDataset`).
     """
 
     _match_stem = False

@@ -79,13 +79,37 @@ class AutoencoderKL(L.LightningModule):
         # The same modules, reachable as one network without being registered twice.
         object.__setattr__(self, "autoencoder", net)
         self.loss: LPIPSWithDiscriminator = instantiate(lossconfig)
+        self._check_channels()
+
+    def _check_channels(self) -> None:
+        """The reconstruction has the input's channels, and so does what the discriminator
+        sees (a ValueError naming the keys: the run's build turns it into a config error)."""
+        dd = self.hparams["ddconfig"]
+        if dd["out_ch"] != dd["in_channels"]:
+            raise ValueError(
+                f"model.params.ddconfig.out_ch={dd['out_ch']} differs from "
+                f"model.params.ddconfig.in_channels={dd['in_channels']}: an autoencoder "
+                f"reconstructs its input's channels"
+            )
+        discriminator = getattr(self.loss, "discriminator", None)
+        seen = getattr(discriminator, "input_nc", dd["in_channels"])
+        if seen != dd["in_channels"]:
+            raise ValueError(
+                f"model.params.lossconfig.params.disc_in_channels={seen} differs from "
+                f"model.params.ddconfig.in_channels={dd['in_channels']}: the discriminator "
+                f"sees the images and their reconstructions"
+            )
+
+    def image_channels(self) -> tuple[int, str]:
+        """``(channels of the images it is trained on, the config key that sets them)``."""
+        return self.hparams["ddconfig"]["in_channels"], "model.params.ddconfig.in_channels"
 
     # ------------------------------------------------------------------ helpers
     def _images(self, batch: Any) -> torch.Tensor:
         key = self.hparams["image_key"]
         if not isinstance(batch, Mapping) or key not in batch:
             found = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
-            raise KeyError(f"batch must be a dict with key {key!r} (B, 3, H, W); got {found}")
+            raise KeyError(f"batch must be a dict with key {key!r} (B, C, H, W); got {found}")
         return batch[key]
 
     def _step(self) -> int:

@@ -163,6 +163,20 @@ class LatentDiffusion(L.LightningModule):
         :func:`ldm_smd.models.components.check_model_params`."""
         check_model_params(params, key=key)
 
+    def image_channels(self) -> tuple[int, str] | None:
+        """``(channels of the images it is trained on, the config key that sets them)``:
+        the first stage's input channels, or in pixel space the diffusion variable's;
+        ``None`` for vectors."""
+        if self.first_stage_model.is_identity:
+            if len(self.latent_shape) != 3:
+                return None
+            given = "latent_shape" if self.hparams.get("latent_shape") is not None else "channels"
+            return self.latent_shape[0], f"model.params.{given}"
+        ddconfig = self.hparams["first_stage_config"]["ddconfig"]
+        return (int(ddconfig["in_channels"]),
+                f"model.params.first_stage ({self.hparams['first_stage']}: its "
+                f"ddconfig.in_channels)")
+
     # ------------------------------------------------------------------ training
 
     def _generator(self, stream: int) -> torch.Generator:

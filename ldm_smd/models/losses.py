@@ -11,7 +11,9 @@ The discriminator minimises the hinge or vanilla (softplus) GAN loss. Before ``d
 training steps, or with ``disc_weight = 0`` / ``disc_factor = 0``, no GAN term is computed at all.
 
 LPIPS never downloads: its VGG16 trunk is read from the torch hub cache (see :func:`vgg16_path`),
-its calibrated linear layers from the ``lpips`` package's own files.
+its calibrated linear layers from the ``lpips`` package's own files. LPIPS's VGG takes RGB: a
+one-channel (grayscale) image is repeated over three channels for it; the L1 term, the KL and the
+discriminator (``disc_in_channels``) see the images as they are.
 """
 
 from __future__ import annotations
@@ -202,7 +204,7 @@ class LPIPSWithDiscriminator(nn.Module):
         rec_loss = self.pixel_weight * l1
         logs: dict[str, torch.Tensor] = {}
         if self.perceptual_weight > 0:
-            p_loss = self.perceptual_loss(inputs.contiguous(), reconstructions.contiguous())
+            p_loss = self.perceptual_loss(_as_rgb(inputs), _as_rgb(reconstructions))
             rec_loss = rec_loss + self.perceptual_weight * p_loss.float()
             logs["p_loss"] = p_loss.mean()
         batch = inputs.shape[0]
@@ -242,6 +244,11 @@ class LPIPSWithDiscriminator(nn.Module):
         logs = {"disc_loss": d_loss, "logits_real": logits_real.mean(),
                 "logits_fake": logits_fake.mean()}
         return d_loss, {f"{split}/{k}": v.detach() for k, v in logs.items()}
+
+
+def _as_rgb(images: torch.Tensor) -> torch.Tensor:
+    """``(B, 3, H, W)`` for LPIPS: a one-channel batch repeated over three channels."""
+    return (images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images).contiguous()
 
 
 @torch.no_grad()

@@ -26,6 +26,7 @@ class NLayerDiscriminator(nn.Module):
         super().__init__()
         if n_layers < 1:
             raise ValueError(f"NLayerDiscriminator: n_layers must be >= 1, got {n_layers}")
+        self.input_nc = int(input_nc)
         layers: list[nn.Module] = [
             nn.Conv2d(input_nc, ndf, 4, stride=2, padding=1),
             nn.LeakyReLU(0.2, True),

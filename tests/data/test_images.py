@@ -227,3 +227,20 @@ def test_prepare_celebahq_reports_missing_files(tmp_path, capsys):
     assert prepare.main([str(root), "--split", str(train), "--verify"]) == 1
     assert "undecodable" in capsys.readouterr().out
     assert prepare.main([str(tmp_path / "nowhere"), "--split", str(train)]) == 2
+
+
+def test_channels_1_reads_grayscale(tmp_path):
+    root = tmp_path / "gray"
+    root.mkdir()
+    values = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    Image.fromarray(values, mode="L").save(root / "a.png")
+    Image.fromarray(np.stack([values, 255 - values, values // 2], axis=-1)).save(root / "b.png")
+    ds = ImageFolder(root=str(root), size=None, channels=1)
+    gray, colour = ds[0]["image"], ds[1]["image"]
+    assert gray.shape == colour.shape == (1, 16, 16)
+    torch.testing.assert_close(gray[0], torch.from_numpy(values).float() / 127.5 - 1)  # exact
+    rgb = ImageFolder(root=str(root), size=None)[1]["image"]  # the default stays RGB
+    luma = (0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2] + 1) * 127.5
+    assert (colour[0].add(1).mul(127.5) - luma).abs().max() <= 1.0
+    with pytest.raises(ValueError, match="channels=2"):
+        ImageFolder(root=str(root), channels=2)

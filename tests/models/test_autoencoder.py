@@ -162,3 +162,19 @@ def test_batch_without_image_key_is_a_clear_error():
         module.log_images({"img": torch.zeros(1, 3, 16, 16)})
     out = module.log_images({"image": torch.zeros(3, 3, 16, 16)}, n=2)
     assert out["reconstructions"].shape == (2, 3, 16, 16)
+
+
+def test_channels_of_reconstruction_and_discriminator_must_match_the_input():
+    gan = {"params": {"perceptual_weight": 0.0, "disc_ndf": 8, "disc_num_layers": 2}}
+    gray = tiny_ddconfig(2, in_channels=1, out_ch=1)
+    module = AutoencoderModule(ddconfig=gray, embed_dim=4, lossconfig={
+        "params": {**gan["params"], "disc_in_channels": 1}})
+    assert module.image_channels() == (1, "model.params.ddconfig.in_channels")
+    out = module.log_images({"image": torch.zeros(2, 1, 16, 16)})
+    assert out["reconstructions"].shape == (2, 1, 16, 16)
+    with pytest.raises(ValueError, match="disc_in_channels=3 differs from "
+                                         "model.params.ddconfig.in_channels=1"):
+        AutoencoderModule(ddconfig=gray, embed_dim=4, lossconfig=gan)
+    with pytest.raises(ValueError, match="out_ch=3 differs from .*in_channels=1"):
+        AutoencoderModule(ddconfig=tiny_ddconfig(2, in_channels=1), embed_dim=4,
+                          lossconfig={"params": {"perceptual_weight": 0.0, "disc_weight": 0.0}})

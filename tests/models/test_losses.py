@@ -162,3 +162,20 @@ def test_gan_and_kl_terms_finite_under_bf16_autocast():
     assert torch.isfinite(d_loss) and d_loss.dtype == torch.float32
     big = DiagonalGaussianDistribution(torch.full((1, 8, 4, 4), 60.0, dtype=torch.bfloat16))
     assert torch.isfinite(big.kl()).all()  # log-variance clamped, statistics in float32
+
+
+def test_grayscale_lpips_sees_the_channel_repeated_and_the_gan_one_channel(random_lpips):
+    torch.manual_seed(0)
+    ae = AutoencoderKL(ddconfig={**DDCONFIG, "in_channels": 1, "out_ch": 1}, embed_dim=4)
+    loss = LPIPSWithDiscriminator(disc_ndf=8, disc_num_layers=2, disc_in_channels=1,
+                                  disc_start=0, perceptual_weight=0.0)
+    loss.perceptual_weight = 1.0
+    loss.perceptual_loss = random_lpips
+    x = torch.rand(2, 1, 16, 16) * 2 - 1
+    recon, posterior = ae(x)
+    total, logs = loss.generator_loss(x, recon, posterior, step=0, last_layer=ae.last_layer())
+    expected = random_lpips(x.repeat(1, 3, 1, 1), recon.repeat(1, 3, 1, 1)).mean()
+    assert torch.isclose(logs["train/p_loss"], expected) and logs["train/p_loss"] > 0
+    assert torch.isfinite(total) and torch.isfinite(logs["train/g_loss"])
+    d_loss, _ = loss.discriminator_loss(x, recon, step=0)
+    assert torch.isfinite(d_loss)
