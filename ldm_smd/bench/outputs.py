@@ -70,7 +70,8 @@ def _header(config: dict, config_path: Any, seeds: Sequence[int], wall: float,
     first = (config["model"].get("params") or {}).get("first_stage", "identity")
     if first != "identity":
         scale = config["model"]["params"].get("scale_factor")
-        lines += [f"first stage: {first} (scale factor {scale:.6g})", ""]
+        scale = "its own" if scale is None else f"{scale:.6g}"
+        lines += [f"first stage: {first} (scale factor {scale})", ""]
     legend = layout.legend.rstrip("\n")
     if fast:
         options = "; ".join(f"{name}: {dict(o)}" for name, o in fast["samplers"].items())

@@ -169,7 +169,7 @@ def run_benchmark(
         if records is not None:
             kept[job] = records
         elif run_dir.exists():
-            replaced.append(f"{job.name} ({why or '--overwrite'})")
+            replaced.append(f"{job.name} ({why or ('--overwrite' if overwrite else 'unfinished')})")
     if replaced:
         print(f"[ldm-smd] bench: {len(replaced)} run folder(s) in {out / 'runs'} are replaced "
               f"as their jobs run again: {', '.join(replaced)}")

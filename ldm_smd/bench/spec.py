@@ -65,7 +65,8 @@ BENCH_KEYS: dict[str, tuple[Any, str]] = {
                             "T = base_T and sampled with few steps (FAST_SAMPLER_KEYS)"),
     "first_stage": (dict, "config, max_steps, ...: the autoencoder trained once for every run "
                           "(FIRST_STAGE_KEYS)"),
-    "score_steps": (list[int], "training steps at which each run is also scored"),
+    "score_steps": (list[int], "training steps at which each trained run (not a fast "
+                               "sampler's base model) is also scored"),
     "workers": (int, "runs trained at once, in separate processes"),
     "threads_per_worker": (int, "torch threads of each worker"),
     "references": (bool, "add the scorer's reference rows (no training)"),
