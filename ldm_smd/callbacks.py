@@ -10,22 +10,24 @@
 - :class:`PeriodicCheckpoint`: Lightning's ``ModelCheckpoint`` (``step=N.ckpt`` and ``last.ckpt``
   every N steps) that leaves the final ``last.ckpt`` to :class:`FinalCheckpoint`.
 - :class:`SampleGrid`: writes (and logs) a grid of samples every ``every_n_steps`` steps.
-- :func:`progress_bar`: Lightning's own bar (Rich when installed, else tqdm) with a total that
-  counts the steps still to run (also after a mid-epoch resume) and no ``Epoch 0/-2``.
+- :class:`GracefulStop`: Ctrl-C ends training after the current step with a checkpoint.
+
+The progress bar is :func:`ldm_smd.progress.progress_bar`.
 """
 
 from __future__ import annotations
 
 import math
 import random
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
-from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from ldm_smd.checkpoints import atomic_write, load_checkpoint
@@ -133,11 +135,13 @@ class NanGuard(L.Callback):
         batch = int(trainer.fit_loop.total_batch_idx)
         message = (f"non-finite {' and '.join(what)} at step {trainer.global_step} "
                    f"(batch {batch})")
-        if self.action == "stop" or self.skipped >= self.max_skips:
-            reason = "" if self.action == "stop" else f" after {self.skipped} skipped batches"
+        if self.action == "stop":
+            raise NonFiniteError(f"{message}; training stopped (nan_guard.action=skip would skip "
+                                 "such batches instead)")
+        if self.skipped >= self.max_skips:
             raise NonFiniteError(
-                f"{message}; training stopped{reason}, the last good checkpoint is kept "
-                "(set nan_guard.action=skip to skip such batches instead)"
+                f"{message}; training stopped after {self.skipped} skipped batches "
+                f"(nan_guard.max_skips={self.max_skips}: a lower learning rate may help)"
             )
         self.skipped += 1
         print(f"[ldm-smd] {message}: batch skipped, no update ({self.skipped} skipped so far)")
@@ -271,52 +275,53 @@ class SampleGrid(L.Callback):
             self._write(trainer, pl_module)
 
 
-class _StepTotals:
-    """Progress-bar fixes for step-limited runs (``max_steps`` set, ``max_epochs = -1``).
+class GracefulStop(L.Callback):
+    """Ctrl-C (SIGINT) ends training at the end of the current step: the state after that step
+    is saved to ``path`` (resumable exactly, as :class:`FinalCheckpoint`'s) and training stops;
+    :attr:`stopped_at` is then the step. A second Ctrl-C stops at once (Lightning's own
+    handling; the last checkpoint written before stays).
 
-    Lightning's bar sizes an epoch as ``min(batches per epoch, max_steps - global_step)`` but
-    counts from the batch index inside the epoch, so after a mid-epoch resume at step 80 it reads
-    ``81/49``; and the Rich bar labels the epoch ``0/-2`` (``max_epochs - 1``). Here the total
-    adds the batches already done in the epoch, the label is ``Epoch N`` when there is no epoch
-    limit, and the logger version (``v_num``) is not shown.
+    The handler is installed when training starts, in the main thread only, and the previous
+    one is put back when training ends, however it ends. With several processes the stop is
+    agreed on at every step, so every rank stops at the same one.
+
+    Args:
+        path: the checkpoint written at the stop (the run's ``last.ckpt``).
     """
 
-    trainer: L.Trainer
+    def __init__(self, *, path: str | Path) -> None:
+        self.path = Path(path)
+        self.requested = False
+        self.stopped_at: int | None = None
+        self._previous: Any = None
 
-    @property
-    def total_train_batches(self) -> int | float:
-        trainer = self.trainer
-        total = trainer.num_training_batches
-        if trainer.max_steps is not None and trainer.max_steps > 0:
-            done = int(trainer.fit_loop.epoch_loop.batch_progress.current.ready)
-            remaining = max(0, trainer.max_steps - trainer.global_step)
-            total = min(total, done + remaining)
-        return total
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt  # the second Ctrl-C: stop now
+        self.requested = True
+        print("\n[ldm-smd] Ctrl-C: stopping after this step with a checkpoint (Ctrl-C again "
+              "stops at once)", flush=True)
 
-    def _get_train_description(self, current_epoch: int) -> str:
-        max_epochs = self.trainer.max_epochs
-        label = f"Epoch {current_epoch}"
-        if max_epochs is not None and max_epochs > 0:
-            label += f"/{max_epochs - 1}"
-        width = len(getattr(self, "validation_description", ""))
-        return f"{label:{width}}" if width > len(label) else label
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
 
-    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
-        items = super().get_metrics(trainer, pl_module)  # type: ignore[misc]
-        items.pop("v_num", None)
-        return items
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        stop = trainer.strategy.reduce_boolean_decision(self.requested, all=False)
+        if stop and self.stopped_at is None:
+            trainer.save_checkpoint(str(self.path), weights_only=False)
+            self.stopped_at = int(trainer.global_step)
+            trainer.should_stop = True
 
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                     exception: BaseException) -> None:
+        self._restore()
 
-class StepTQDMProgressBar(_StepTotals, TQDMProgressBar):
-    """Lightning's tqdm bar with :class:`_StepTotals`' fixes."""
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._restore()
 
-
-class StepRichProgressBar(_StepTotals, RichProgressBar):
-    """Lightning's Rich bar with :class:`_StepTotals`' fixes."""
-
-
-def progress_bar() -> ProgressBar:
-    """The bar Lightning would pick (Rich when installed, else tqdm), with the fixes above."""
-    from lightning.pytorch.callbacks.progress.rich_progress import _RICH_AVAILABLE
-
-    return StepRichProgressBar() if _RICH_AVAILABLE else StepTQDMProgressBar()
+    def _restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None

@@ -252,6 +252,21 @@ def check_state_dict(
     return kept
 
 
+def check_finite_weights(state_dict: Mapping[str, Any], *, source: str = "checkpoint") -> None:
+    """Every floating-point tensor of ``state_dict`` is finite; else a :class:`CheckpointError`
+    listing the tensors that hold NaN or infinite values (a model with them samples blank or
+    black images)."""
+    bad = [name for name, value in state_dict.items()
+           if torch.is_tensor(value) and value.is_floating_point()
+           and not bool(torch.isfinite(value).all())]
+    if bad:
+        raise CheckpointError(
+            f"{source}: {len(bad)} weight tensor(s) hold NaN or infinite values: "
+            f"{_abbrev(bad, limit=8)}; this model cannot sample (an earlier checkpoint of the "
+            "run, checkpoints/step=N.ckpt, may be finite)"
+        )
+
+
 def _abbrev(keys: list[str], limit: int = 20) -> str:
     shown = ", ".join(keys[:limit])
     return shown + (f", ... (+{len(keys) - limit} more)" if len(keys) > limit else "")

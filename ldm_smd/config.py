@@ -39,7 +39,7 @@ from typing import Any, NamedTuple
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from ldm_smd.errors import LdmSmdError
+from ldm_smd.errors import ConfigError  # defined with the other named errors, used from here
 
 TOP_LEVEL_KEYS = {
     "seed": "integer seed of the run",
@@ -89,10 +89,6 @@ def register_section(name: str, *, summary: str, validate: Callable[..., None]) 
 
 
 _EXPONENT_FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
-
-
-class ConfigError(LdmSmdError, ValueError):
-    """A config names an unknown key, a wrong type or an unimportable target."""
 
 
 #: Parameters given as a plain mapping (not a target/params block) whose entries are the keyword
@@ -391,6 +387,20 @@ def check_keys(section: Any, allowed: Mapping[str, Any], *, key: str) -> None:
             raise ConfigError(f"{key}.{name}: expected {type_name(allowed[name])}, got {value!r}")
 
 
+def check_seeds(config: Any, key: str = "") -> None:
+    """Every integer ``seed`` key of the tree is in the range seeds take
+    (:data:`ldm_smd.rng.SEED_MAX`); raises :class:`ConfigError` naming the key."""
+    from ldm_smd.rng import seed_problem  # torch: only when a config is validated
+
+    items = config.items() if isinstance(config, Mapping) else enumerate(
+        config if isinstance(config, list) else ())
+    for name, value in items:
+        path = f"{key}.{name}" if key else str(name)
+        if name == "seed" and isinstance(value, int) and (problem := seed_problem(value)):
+            raise ConfigError(f"{path}: {problem}")
+        check_seeds(value, path)
+
+
 def validate_config(config: Mapping[str, Any], *, source: str = "config") -> None:
     """Validate a whole run config; raises :class:`ConfigError` naming the first bad key."""
     valid = {*TOP_LEVEL_KEYS, *SECTIONS}
@@ -404,6 +414,7 @@ def validate_config(config: Mapping[str, Any], *, source: str = "config") -> Non
         raise ConfigError(f"{source}: missing the 'model' block")
     if "seed" in config and not check_type(config["seed"], int):
         raise ConfigError(f"seed: expected int, got {config['seed']!r}")
+    check_seeds(config)
     if "run_dir" in config and not isinstance(config["run_dir"], str):
         raise ConfigError(f"run_dir: expected a path string, got {config['run_dir']!r}")
     validate_spec(config["model"], key="model")

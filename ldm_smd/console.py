@@ -4,6 +4,7 @@ and the closing lines (steps, final loss, where the checkpoints and logs are).""
 from __future__ import annotations
 
 import logging
+import shlex
 import warnings
 from pathlib import Path
 
@@ -29,6 +30,12 @@ HARMLESS_WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
     (r"The dirpath has changed from", UserWarning),
     # Lightning's own use of a torch API that torch deprecates; nothing of ours calls it
     (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning),
+    # a small dataset's epoch is shorter than trainer.log_every_n_steps; the interval counts
+    # steps across epochs, so the metrics are logged all the same
+    (r"The number of training batches \(\d+\) is smaller than the logging interval",
+     PossibleUserWarning),
+    # the GPU configs' data.params.pin_memory: true is a no-op on a machine without a GPU
+    (r"'pin_memory' argument is set as true but no accelerator is found", UserWarning),
 )
 #: Lightning's info lines that say nothing about this run (banners, tips, its own stop line:
 #: the end of ``train`` prints what ran), dropped by their start
@@ -36,6 +43,8 @@ HARMLESS_INFO = (
     "GPU available:", "TPU available:", "HPU available:", "LOCAL_RANK:", "💡 Tip:",
     "`Trainer.fit` stopped:",
     "Restoring states from the checkpoint path", "Restored all states from the checkpoint",
+    # a second Ctrl-C: train's own line says where the run stopped and what is kept
+    "Detected KeyboardInterrupt, attempting graceful shutdown",
 )
 
 
@@ -75,11 +84,16 @@ def final_loss(trainer: L.Trainer) -> str:
 
 
 def where(run_dir: Path, trainer: L.Trainer, last: str) -> str:
+    """Where the checkpoints and the logs are (a CSV file only once a row was written: a run
+    shorter than ``trainer.log_every_n_steps`` writes none)."""
     logs = []
     for logger in trainer.loggers:
         if isinstance(logger, CSVLogger):
-            logs.append(str(Path(logger.log_dir) / "metrics.csv"))
+            metrics = Path(logger.log_dir) / "metrics.csv"
+            logs.append(str(metrics) if metrics.is_file() else
+                        f"no CSV rows yet (one every {trainer.log_every_n_steps} steps, "
+                        "trainer.log_every_n_steps)")
         elif isinstance(logger, TensorBoardLogger):
-            logs.append(f"TensorBoard: tensorboard --logdir {run_dir / 'logs'}")
+            logs.append(f"TensorBoard: tensorboard --logdir {shlex.quote(str(run_dir / 'logs'))}")
     return (f"[ldm-smd] checkpoints: {run_dir / 'checkpoints'} ({last}); logs: "
             + ("; ".join(logs) if logs else "none (logging.csv and logging.tensorboard are off)"))

@@ -30,6 +30,11 @@ class LdmSmdError(Exception):
     """Base of every named error: the message names the thing (key, value, file) at fault."""
 
 
+class ConfigError(LdmSmdError, ValueError):
+    """A config names an unknown key, a wrong type or value, or an unimportable target
+    (also importable from :mod:`ldm_smd.config`)."""
+
+
 class UsageError(LdmSmdError, ValueError):
     """A command-line or function argument is out of range or contradicts another."""
 
@@ -41,6 +46,15 @@ class DataError(LdmSmdError, ValueError):
 class OutputError(LdmSmdError):
     """A file or folder cannot be written (disk full, read-only, no permission, a file in the
     way); the message names the path and says what was kept."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a command cleanly; the message says what was kept and how to go on.
+
+    A ``KeyboardInterrupt`` (not an ``Exception``), so no ``except Exception`` swallows it; the
+    command line prints it as one line, ``ldm-smd CMD: interrupted: MESSAGE``, and exits with
+    status 130 (128 + SIGINT, what a shell reports for a command stopped by Ctrl-C).
+    """
 
 
 def describe_os_error(exc: OSError, path: object | None = None) -> str:

@@ -157,6 +157,22 @@ def write_scale_factor(config_path: str | Path, value: float) -> Path:
     return atomic_write(path, lambda handle: handle.write(text.encode()))
 
 
+def stage2_scale_factor(ckpt: str | Path) -> float | None:
+    """The ``scale_factor`` a stage-2 checkpoint was trained with, or ``None`` when ``ckpt`` is
+    not a stage-2 checkpoint (a stage-1 one, a CompVis first stage, a diffusers folder)."""
+    from ldm_smd.checkpoints import load_checkpoint
+
+    path = Path(ckpt)
+    if not path.is_file() or path.suffix == ".safetensors":
+        return None
+    data = load_checkpoint(path, mmap=True)
+    hparams = data.get("hyper_parameters") if isinstance(data, dict) else None
+    if not isinstance(hparams, dict) or "network" not in hparams:
+        return None
+    value = hparams.get("scale_factor")
+    return float(value) if isinstance(value, int | float) else float("nan")
+
+
 def scale_factor_command(
     ckpt: str | Path, config_path: str | Path, *, batches: int = 8, write: str | Path | None = None
 ) -> float:
@@ -180,6 +196,9 @@ def scale_factor_command(
     if "data" not in config:
         raise ConfigError(f"{config_path}: needs a 'data' block to draw images from")
     autoencoder, _ = load_first_stage(str(ckpt))
+    if (used := stage2_scale_factor(ckpt)) is not None:
+        print(f"[ldm-smd] {ckpt} is a stage-2 (diffusion) checkpoint: the estimate below is for "
+              f"the first stage it holds; that model was trained with scale_factor {used:.6g}")
     datamodule = build_block("data", config["data"])
     setup_data(datamodule)
     images = (batch["image"] for batch in itertools.islice(datamodule.train_dataloader(), batches))

@@ -41,6 +41,19 @@ GeneratorLike = torch.Generator | Sequence[torch.Generator] | None
 _MASK64 = (1 << 64) - 1
 _MASK63 = (1 << 63) - 1
 
+#: The seeds a command takes (a config's ``seed`` keys, ``sample --seed``) are the integers
+#: ``0 .. SEED_MAX``: the range numpy's legacy seeding, and so Lightning's ``seed_everything``,
+#: accepts unchanged. Nothing outside it is reduced into it, so no two seeds a person can give
+#: share samples (``derive_seed`` alone would take ``2**64`` and ``-1`` modulo ``2**64``).
+SEED_MAX = 2**32 - 1
+
+
+def seed_problem(seed: object) -> str | None:
+    """Why ``seed`` is not a seed a command takes (see :data:`SEED_MAX`), or ``None``."""
+    if isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed <= SEED_MAX:
+        return None
+    return f"{seed!r} is not a seed: give an integer from 0 to {SEED_MAX} (2**32 - 1)"
+
 
 def derive_seed(seed: int, *keys: int) -> int:
     """A seed for stream ``keys`` of a run seeded ``seed``: one place for every derived seed.

@@ -25,19 +25,23 @@ from tqdm import tqdm
 from ldm_smd.checkpoints import (
     CheckpointError,
     atomic_write,
+    check_finite_weights,
     check_writable,
     load_checkpoint,
     load_state_dict_strict,
 )
 from ldm_smd.devices import resolve_device
 from ldm_smd.diffusion.samplers import SAMPLERS, SPACINGS
-from ldm_smd.errors import OutputError, UsageError
+from ldm_smd.errors import Interrupted, OutputError, UsageError
 from ldm_smd.images import save_grid, save_singles, to_uint8
+from ldm_smd.locks import LOCK_NAME, FolderLock
 from ldm_smd.models.diffusion import LatentDiffusion
-from ldm_smd.rng import row_generators
+from ldm_smd.rng import row_generators, seed_problem
 
 #: what :func:`sample_to_dir` writes into its folder (and all that ``overwrite`` removes)
 OUTPUTS = ("grid.png", "samples.npz", "images")
+#: ``grid.png`` shows at most this many samples (an 8 x 8 grid); all are in images/ and the .npz
+GRID_TILES = 64
 _SINGLE = re.compile(r"\d{6}\.png")
 
 
@@ -55,6 +59,7 @@ def _check_hparams(ckpt: Any, path: str | Path) -> dict[str, Any]:
 
 def _build(ckpt: dict[str, Any], path: str | Path, *, device: str) -> LatentDiffusion:
     hparams = _check_hparams(ckpt, path)
+    check_finite_weights(ckpt["state_dict"], source=str(path))
     model = LatentDiffusion(**{**hparams, "load_first_stage_weights": False})
     load_state_dict_strict(model, ckpt["state_dict"], source=str(path))
     return model.to(device).eval()
@@ -117,7 +122,7 @@ def default_steps_error(model: Any, *, source: str) -> str | None:
 
 def previous_outputs(out_dir: Path) -> list[Path]:
     """The entries of ``out_dir`` (must exist); refuses if any is not one of our outputs."""
-    entries = sorted(out_dir.iterdir())
+    entries = sorted(p for p in out_dir.iterdir() if p.name != LOCK_NAME)
     foreign = [p.name for p in entries if p.name not in OUTPUTS]
     images = out_dir / "images"
     if images.is_dir():
@@ -138,9 +143,9 @@ def previous_outputs(out_dir: Path) -> list[Path]:
 def check_out_dir(out_dir: Path, *, overwrite: bool) -> list[Path]:
     """Check the output folder before any work; returns what ``overwrite`` will remove."""
     check_writable(out_dir, what="--out", folder=True)
-    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+    entries = previous_outputs(out_dir) if out_dir.is_dir() else []
+    if not entries:
         return []
-    entries = previous_outputs(out_dir)
     if not overwrite:
         raise OutputError(
             f"--out {out_dir} already holds samples ({', '.join(p.name for p in entries)}); "
@@ -181,56 +186,76 @@ def sample_to_dir(
 
     ``out_dir`` must be new or empty; with ``overwrite=True`` a previous run's outputs there
     (``grid.png``, ``samples.npz``, ``images/``) are removed first, and a folder holding anything
-    else is refused. Nothing is written before every argument was checked.
+    else is refused. Nothing is written before every argument was checked. The folder is locked
+    while sampling (:class:`~ldm_smd.locks.FolderLock`). ``grid.png`` shows the first
+    :data:`GRID_TILES` samples at a readable size. Ctrl-C keeps the complete single images and
+    raises :class:`~ldm_smd.errors.Interrupted` saying how many.
     """
     check_sample_arguments(n=n, batch_size=batch_size, steps=steps, sampler=sampler,
                            spacing=spacing, ddim_eta=ddim_eta)
+    if problem := seed_problem(seed):
+        raise UsageError(f"--seed: {problem}")
     device = pick_device(device)
     if model is None and not Path(ckpt_path).is_file():
         load_checkpoint(ckpt_path)  # raises the named error for a missing path or a folder
     out_dir = Path(out_dir)
-    to_remove = check_out_dir(out_dir, overwrite=overwrite)
-    if model is None:
-        ckpt = load_checkpoint(ckpt_path)
-        hparams = _check_hparams(ckpt, ckpt_path)
-        schedule = hparams.get("schedule") or {}
-        if "num_timesteps" in schedule:
-            check_steps(steps, int(schedule["num_timesteps"]), source=str(ckpt_path))
-        model = _build(ckpt, ckpt_path, device=device)
-        del ckpt
-    check_steps(steps, model.schedule.num_timesteps, source=str(ckpt_path))
-    if steps is None and (reason := default_steps_error(model, source=str(ckpt_path))):
-        raise UsageError(f"{reason}: give --steps 1..{model.schedule.num_timesteps}")
-    kind = sampler or model.sampler.kind
-    if ddim_eta is not None and kind != "ddim":
-        raise UsageError(f"--ddim-eta {ddim_eta} applies to the DDIM sampler only, and this run "
-                         f"samples with {kind!r}: add --sampler ddim, or leave --ddim-eta out")
-    if to_remove:
-        _remove(to_remove, out_dir)
+    check_writable(out_dir, what="--out", folder=True)
+    with FolderLock(out_dir, what="--out"):
+        to_remove = check_out_dir(out_dir, overwrite=overwrite)
+        if model is None:
+            ckpt = load_checkpoint(ckpt_path)
+            hparams = _check_hparams(ckpt, ckpt_path)
+            schedule = hparams.get("schedule") or {}
+            if "num_timesteps" in schedule:
+                check_steps(steps, int(schedule["num_timesteps"]), source=str(ckpt_path))
+            model = _build(ckpt, ckpt_path, device=device)
+            del ckpt
+        check_steps(steps, model.schedule.num_timesteps, source=str(ckpt_path))
+        if steps is None and (reason := default_steps_error(model, source=str(ckpt_path))):
+            raise UsageError(f"{reason}: give --steps 1..{model.schedule.num_timesteps}")
+        kind = sampler or model.sampler.kind
+        if ddim_eta is not None and kind != "ddim":
+            raise UsageError(f"--ddim-eta {ddim_eta} applies to the DDIM sampler only, and this "
+                             f"run samples with {kind!r}: add --sampler ddim, or leave --ddim-eta "
+                             "out")
+        if to_remove:
+            _remove(to_remove, out_dir)
+        options = {"sampler": sampler, "steps": steps, "spacing": spacing, "ddim_eta": ddim_eta,
+                   "use_ema": use_ema, "progress": progress}
+        return _sample(model, out_dir, n=n, seed=seed, batch_size=batch_size, options=options)
+
+
+def _sample(model: LatentDiffusion, out_dir: Path, *, n: int, seed: int, batch_size: int,
+            options: dict[str, Any]) -> dict[str, Any]:
+    """Draw the samples batch by batch into ``out_dir/images``, then the grid and the arrays."""
     start = time.perf_counter()
     chunks = []
     batches = range(0, n, batch_size)
-    for first in tqdm(batches, desc="batches", disable=not progress or len(batches) == 1):
-        count = min(batch_size, n - first)
-        images = model.sample_images(
-            count,
-            generator=row_generators(seed, first, count),
-            sampler=sampler,
-            steps=steps,
-            spacing=spacing,
-            ddim_eta=ddim_eta,
-            use_ema=use_ema,
-            progress=progress,
-        ).cpu()
-        save_singles(images, out_dir / "images", start=first)
-        chunks.append(images)
+    try:
+        for first in tqdm(batches, desc="batches",
+                          disable=not options["progress"] or len(batches) == 1):
+            count = min(batch_size, n - first)
+            images = model.sample_images(
+                count, generator=row_generators(seed, first, count), **options).cpu()
+            save_singles(images, out_dir / "images", start=first)
+            chunks.append(images)
+    except KeyboardInterrupt:
+        done = len(list((out_dir / "images").glob("*.png"))) if (out_dir / "images").is_dir() \
+            else 0
+        names = f" (000000.png .. {done - 1:06d}.png)" if done else ""
+        raise Interrupted(
+            f"{done} of {n} samples are complete in {out_dir / 'images'}{names}; grid.png and "
+            "samples.npz were not written (sample again with --overwrite for the whole set)"
+        ) from None
     images = torch.cat(chunks)
     kept = f"; the {n} single images are in {out_dir / 'images'}"
+    shown = images[:GRID_TILES]
     try:
-        grid = save_grid(images, out_dir / "grid.png", nrow=int(math.ceil(math.sqrt(n))))
+        grid = save_grid(shown, out_dir / "grid.png", nrow=int(math.ceil(math.sqrt(len(shown)))))
         arrays = to_uint8(images)
         npz = atomic_write(out_dir / "samples.npz", lambda handle: np.savez(handle, images=arrays))
     except OutputError as exc:
         raise OutputError(f"{exc}{kept}") from exc
     seconds = time.perf_counter() - start
-    return {"grid": grid, "npz": npz, "images": out_dir / "images", "seconds": seconds}
+    return {"grid": grid, "grid_count": len(shown), "npz": npz, "images": out_dir / "images",
+            "seconds": seconds}

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib.util
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +33,12 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from ldm_smd.callbacks import (
     AtomicCheckpointIO,
     FinalCheckpoint,
+    GracefulStop,
     NanGuard,
+    NonFiniteError,
     PeriodicCheckpoint,
     RngStates,
     SampleGrid,
-    progress_bar,
 )
 from ldm_smd.checkpoints import (
     CheckpointError,
@@ -49,22 +51,27 @@ from ldm_smd.console import final_loss, quiet_lightning, where
 from ldm_smd.errors import (
     WRITE_ERRNOS,
     DataError,
+    Interrupted,
     LdmSmdError,
     OutputError,
     UsageError,
     describe_os_error,
 )
+from ldm_smd.locks import FolderLock
+from ldm_smd.progress import progress_bar
 from ldm_smd.run_folder import (
     LAST,
-    existing_run,
+    clean_up_after_failure,
+    has_checkpoint,
     kept,
-    refuse_existing_run,
-    remove_failed_start,
-    remove_new_empty_folders,
+    newest_checkpoint,
     remove_previous_run,
     remove_stale_temporaries,
-    resolve_resume,
+    resume_command,
+    resume_target,
+    run_to_replace,
 )
+from ldm_smd.shapes import check_shapes
 
 
 def _is_first_process() -> bool:
@@ -200,6 +207,7 @@ def build_run(
     datamodule = build_block("data", config["data"])
     setup_data(datamodule)
     check_image_channels(model, datamodule)
+    check_shapes(config, model, datamodule)
     trainer = build_trainer(
         config, run_dir, extra_callbacks=extra_callbacks,
         shards_by_rank=bool(getattr(datamodule, "shards_by_rank", False)),
@@ -341,11 +349,17 @@ def train(
     """Train from ``config_path`` (or resume a run exactly) and return what was written.
 
     With ``resume`` (a run folder or a checkpoint) the model, EMA, optimisers, LR scheduler,
-    loop counters, RNG states and the data position come back from the checkpoint; the config is
-    the run folder's ``config.yaml`` (or ``config_path``) with ``overrides`` applied.
+    loop counters, RNG states and the data position come back from the checkpoint (of a run
+    folder: the newest complete one, :func:`~ldm_smd.run_folder.newest_checkpoint`); the config
+    is the run folder's ``config.yaml`` (or ``config_path``) with ``overrides`` applied.
 
-    A new run into a ``run_dir`` that already holds a run (checkpoints, logs, a config) is
-    refused; ``overwrite=True`` deletes that run once every check has passed.
+    The run folder is locked for the whole command (:class:`~ldm_smd.locks.FolderLock`): a
+    second command into it is refused, naming this one. A new run into a ``run_dir`` that
+    already holds a run (checkpoints, logs, a config) is refused; ``overwrite=True`` deletes
+    that run once every check has passed (so does a new run where the previous attempt's process
+    died before its first checkpoint: nothing there could be resumed). Ctrl-C stops after the
+    current step with a checkpoint and raises :class:`~ldm_smd.errors.Interrupted` naming the
+    resume command.
     """
     start = time.perf_counter()
     quiet_lightning()
@@ -353,7 +367,9 @@ def train(
         raise UsageError("--resume continues a run and --overwrite deletes it: give one of them")
     ckpt_path = None
     if resume is not None:
-        run_dir, ckpt_path = resolve_resume(resume)
+        run_dir, ckpt_path = resume_target(resume)
+        if ckpt_path is None and not has_checkpoint(run_dir):
+            newest_checkpoint(run_dir)  # raises: names what is missing, before the config
         config_path = config_path or run_dir / "config.yaml"
     if config_path is None:
         raise UsageError("train: give --config FILE or --resume RUN_DIR")
@@ -363,34 +379,52 @@ def train(
     if "data" not in config:
         raise ConfigError(f"{config_path}: training needs a 'data' block")
     check_precision(dict(config.get("trainer") or {}))
-    previous: list[str] = []
-    run_dir_existed = run_dir.exists()
-    if _is_first_process():
-        check_writable(run_dir, what="run_dir", folder=True)
-        if ckpt_path is None:
-            previous = existing_run(run_dir)
-            if previous and not overwrite:
-                raise refuse_existing_run(run_dir, previous)
+    if not _is_first_process():  # rank 0 holds the lock and checks the folder for every rank
+        if resume is not None and ckpt_path is None:
+            ckpt_path = newest_checkpoint(run_dir)[0]
+        return _train(config, run_dir, ckpt_path=ckpt_path, start=start)
+    check_writable(run_dir, what="run_dir", folder=True)
+    with FolderLock(run_dir, what="run_dir") as lock:
+        previous: list[str] = []
+        replaced = ""
+        if resume is not None and ckpt_path is None:
+            ckpt_path, why = newest_checkpoint(run_dir)
+            if why:
+                print(f"[ldm-smd] --resume {run_dir}: {why}; resuming from {ckpt_path}, the "
+                      "newest complete checkpoint")
+        elif ckpt_path is None:
+            previous, replaced = run_to_replace(run_dir, overwrite=overwrite, stale=lock.stale)
+        return _train(config, run_dir, ckpt_path=ckpt_path, start=start, previous=previous,
+                      replaced=replaced)
 
+
+def _train(config: dict[str, Any], run_dir: Path, *, ckpt_path: Path | None, start: float,
+           previous: Sequence[str] = (), replaced: str = "") -> dict[str, Any]:
+    """Build, check and fit a run whose folder was checked (``previous``: the entries of an
+    earlier run there to delete once every check passed, ``replaced`` says why)."""
+    first = _is_first_process()
     run_start = _RunStart(config=config, path=run_dir / "config.yaml", resumed_from=ckpt_path)
+    stop = GracefulStop(path=run_dir / "checkpoints" / LAST)
     model, datamodule, trainer = build_run(
-        config, run_dir, extra_callbacks=(run_start,), resume_from=ckpt_path
+        config, run_dir, extra_callbacks=(run_start, stop), resume_from=ckpt_path
     )
     # every check passed: from here on the run folder is written
     if previous:
-        remove_previous_run(run_dir, previous)
-    if ckpt_path is not None:
+        remove_previous_run(run_dir, list(previous), why=replaced)
+    if ckpt_path is not None and first:
         remove_stale_temporaries(ckpt_path.parent)
     _report_learning_rate(config, trainer)
     before = set(run_dir.rglob("*")) if run_dir.is_dir() else set()
     try:
         _fit(trainer, model, datamodule, ckpt_path=ckpt_path, run_dir=run_dir)
-    except BaseException:
-        if run_dir.is_dir() and _is_first_process():
-            if ckpt_path is None and trainer.global_step == 0:
-                remove_failed_start(run_dir, before, made_run_dir=not run_dir_existed)
-            else:
-                remove_new_empty_folders(run_dir, before)
+    except BaseException as exc:
+        outcome = clean_up_after_failure(run_dir, before, new_run=ckpt_path is None) \
+            if first else kept(run_dir)
+        if isinstance(exc, SystemExit) and trainer.interrupted:  # a second Ctrl-C
+            raise Interrupted(f"stopped during step {trainer.global_step + 1}; {outcome}") \
+                from None
+        if isinstance(exc, NonFiniteError):
+            raise NonFiniteError(f"{exc}; {outcome}") from exc
         raise
     last = run_dir / "checkpoints" / LAST
     # FinalCheckpoint wrote the final state unless no batch ran (every rank takes part)
@@ -405,6 +439,9 @@ def train(
               f"{final_loss(trainer)}")
         print(where(run_dir, trainer, LAST))
     _end_process_group()
+    if stop.stopped_at is not None:
+        raise Interrupted(f"stopped by Ctrl-C after step {stop.stopped_at}, its checkpoint {last} "
+                          f"written; continue with `{resume_command(run_dir)}`")
     return {"run_dir": run_dir, "checkpoint": last, "seconds": seconds, "trainer": trainer}
 
 

@@ -65,7 +65,8 @@ def test_nan_stops_with_step_and_term_and_keeps_last_good_checkpoint(tmp_path):
         train(DEMO / "ldm-vanilla.yaml", PIXEL + [f"run_dir={tmp_path}", "trainer.max_steps=5"])
     message = str(err.value)
     assert f"at step {NAN_AT}" in message and "loss term(s) loss" in message
-    assert "last good checkpoint" in message
+    assert f"the last complete checkpoint {tmp_path / 'checkpoints' / 'last.ckpt'} is kept" \
+        in message
     last = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
     assert last["global_step"] == NAN_AT and _finite(last["state_dict"])
     assert not (tmp_path / "checkpoints" / f"step={NAN_AT + 1}.ckpt").exists()

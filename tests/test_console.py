@@ -12,10 +12,10 @@ from types import SimpleNamespace
 import pytest
 import tiny_configs
 
-from ldm_smd.callbacks import StepRichProgressBar, StepTQDMProgressBar
 from ldm_smd.cli import build_parser
 from ldm_smd.cli import main as cli
 from ldm_smd.console import HARMLESS_INFO, HARMLESS_WARNINGS
+from ldm_smd.progress import StepRichProgressBar, StepTQDMProgressBar, mean_rate
 
 DEMO = tiny_configs.DEMO
 TINY_AE = tiny_configs.QUIET + tiny_configs.tiny_data(batch=2, length=8) + [
@@ -97,6 +97,19 @@ def test_progress_bar_after_a_mid_epoch_resume(bar):
     assert instance._get_train_description(1).strip() == "Epoch 1/2"
     trainer.max_steps, trainer.global_step, progress.current.ready = -1, 10, 0
     assert instance.total_train_batches == 3125
+
+
+def test_the_bar_rate_is_the_mean_over_this_sessions_steps():
+    assert mean_rate(0, 5.0) == "" and mean_rate(3, None) == ""
+    assert mean_rate(30, 10.0) == "3.00it/s"
+    assert mean_rate(10, 30.0) == "3.00s/it"  # 0.33 steps a second reads as seconds a step
+    bar = StepRichProgressBar()
+    (column,) = [c for c in bar.configure_columns(None) if type(c).__name__ == "MeanRateColumn"]
+    # resumed at batch 80 of the epoch, 20 steps done in 40 s since: 0.5 steps a second
+    task = SimpleNamespace(completed=100, elapsed=40.0, fields={"done_before": 80})
+    assert column.render(task).plain == "2.00s/it"
+    assert not [c for c in bar.configure_columns(None)
+                if type(c).__name__ == "ProcessingSpeedColumn"]  # Rich's windowed speed
 
 
 def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:

@@ -94,6 +94,7 @@ class EncodedImageDataset(Dataset):
         self.skip_corrupt = skip_corrupt
         self.return_path = return_path
         self.num_skipped = 0  # undecodable items skipped in this process (per worker)
+        self.num_upscaled = 0  # items smaller than size, enlarged (per worker)
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -107,6 +108,8 @@ class EncodedImageDataset(Dataset):
         source, name = self._source(index)
         img = decode_image(source, name=name, alpha=self.alpha, channels=self.channels)
         img = crop_square(img, mode=self.crop)
+        if self.size is not None and img.size[0] < self.size:
+            self._note_upscaled(name, img.size[0])
         img = resize_square(img, self.size, interpolation=self.interpolation)
         image = to_tensor(img)
         if self.flip_p > 0 and float(torch.rand(())) < self.flip_p:
@@ -115,6 +118,18 @@ class EncodedImageDataset(Dataset):
         if self.return_path:
             item["path"] = name
         return item
+
+    def _note_upscaled(self, name: str, side: int) -> None:
+        """Say once per dataset (and process) that an image smaller than ``size`` is enlarged,
+        naming the first: a 1x1 picture becomes a flat square without a word otherwise."""
+        self.num_upscaled += 1
+        if self.num_upscaled == 1:
+            warnings.warn(
+                f"{type(self).__name__}: {name} is {side}x{side} pixels after the square crop, "
+                f"smaller than size={self.size}, and is enlarged {self.size / side:.3g} times "
+                "(the first such image; later ones are counted in num_upscaled, not named)",
+                stacklevel=3,
+            )
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         n = len(self)

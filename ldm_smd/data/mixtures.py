@@ -20,12 +20,45 @@ This module imports nothing from the networks or the diffusion process (layer co
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
+from ldm_smd.errors import ConfigError
 from ldm_smd.rng import GeneratorLike, randn
+
+
+def non_finite(value: Any) -> bool:
+    """Whether a number, a (nested) list of numbers or a tensor holds a NaN or an infinity."""
+    if isinstance(value, torch.Tensor):
+        return value.is_floating_point() and not bool(torch.isfinite(value).all())
+    if isinstance(value, list | tuple):
+        return any(non_finite(v) for v in value)
+    return isinstance(value, float) and not math.isfinite(value)
+
+
+def _check_finite(owner: str, **values: Any) -> None:
+    for name, value in values.items():
+        if non_finite(value):
+            shown = value.tolist() if isinstance(value, torch.Tensor) and value.numel() <= 8 \
+                else value
+            raise ValueError(f"{owner}: {name} must be finite numbers, got {shown}")
+
+
+def check_finite_params(params: Mapping[str, Any], *, key: str) -> None:
+    """The config loader's check of a mixture block (its ``check_config``): every number given
+    is finite, so ``std: .nan`` or ``radius: .inf`` is refused when the config is loaded."""
+    for name, value in params.items():
+        if non_finite(value):
+            raise ConfigError(f"{key}.params.{name}: {value!r} is not a finite number (a "
+                              "mixture's parameters are finite)")
+
+
+def _checked_when_loaded(target: Any) -> Any:
+    """Give a config target the hook the loader calls, ``check_config(params, key=...)``."""
+    target.check_config = check_finite_params
+    return target
 
 
 class GaussianMixture:
@@ -47,6 +80,7 @@ class GaussianMixture:
         weights: Sequence[float] | torch.Tensor | None = None,
         image_shape: Sequence[int] | None = None,
     ) -> None:
+        _check_finite("GaussianMixture", means=means, stds=stds, weights=weights)
         m = torch.as_tensor(means, dtype=torch.float64)
         if m.ndim != 2 or m.shape[0] < 1:
             raise ValueError(f"GaussianMixture: means must be (K, D), got shape {tuple(m.shape)}")
@@ -75,6 +109,8 @@ class GaussianMixture:
                     f"values but the means have dimension {d}"
                 )
         self.means, self.stds, self.weights, self.image_shape = m, s, w, image_shape
+
+    check_config = staticmethod(check_finite_params)
 
     @property
     def num_components(self) -> int:
@@ -142,6 +178,7 @@ def ring_means(num_components: int, *, radius: float = 1.0, dim: int = 2) -> tor
     """``num_components`` points evenly spaced on a circle (angle 0 first) in the first 2 coords."""
     if dim < 2:
         raise ValueError(f"ring_means: dim must be >= 2, got {dim}")
+    _check_finite("ring_means", radius=radius)
     angle = 2 * math.pi * torch.arange(num_components, dtype=torch.float64) / num_components
     m = torch.zeros(num_components, dim, dtype=torch.float64)
     m[:, 0] = radius * torch.cos(angle)
@@ -153,6 +190,7 @@ def grid_means(side: int, *, spacing: float = 1.0, dim: int = 2) -> torch.Tensor
     """A ``side x side`` grid centred on the origin (row-major, x fastest), first 2 coords."""
     if dim < 2:
         raise ValueError(f"grid_means: dim must be >= 2, got {dim}")
+    _check_finite("grid_means", spacing=spacing)
     axis = (torch.arange(side, dtype=torch.float64) - (side - 1) / 2) * spacing
     yy, xx = torch.meshgrid(axis, axis, indexing="ij")
     m = torch.zeros(side * side, dim, dtype=torch.float64)
@@ -163,6 +201,7 @@ def grid_means(side: int, *, spacing: float = 1.0, dim: int = 2) -> torch.Tensor
 
 def random_means(num_components: int, *, dim: int, scale: float = 1.0, seed: int = 0):
     """Prototypes drawn from ``N(0, scale^2 I)`` with ``torch.Generator().manual_seed(seed)``."""
+    _check_finite("random_means", scale=scale)
     g = torch.Generator().manual_seed(int(seed))
     return scale * torch.randn(num_components, dim, generator=g, dtype=torch.float64)
 
@@ -230,6 +269,7 @@ Stds = float | list[float]
 Weights = list[float] | None
 
 
+@_checked_when_loaded
 def ring_mixture(*, num_components: int = 8, radius: float = 1.0, dim: int = 2,
                  std: Stds = 1.0, weights: Weights = None) -> GaussianMixture:
     """``num_components`` Gaussians evenly spaced on a circle of ``radius`` in the first two of
@@ -238,6 +278,7 @@ def ring_mixture(*, num_components: int = 8, radius: float = 1.0, dim: int = 2,
     return GaussianMixture(means=means, stds=std, weights=weights)
 
 
+@_checked_when_loaded
 def grid_mixture(*, side: int = 5, spacing: float = 1.0, dim: int = 2, std: Stds = 1.0,
                  weights: Weights = None) -> GaussianMixture:
     """A ``side x side`` grid of Gaussians ``spacing`` apart, centred on the origin, in the first
@@ -246,6 +287,7 @@ def grid_mixture(*, side: int = 5, spacing: float = 1.0, dim: int = 2, std: Stds
                            weights=weights)
 
 
+@_checked_when_loaded
 def random_mixture(*, num_components: int = 8, dim: int, scale: float = 1.0, seed: int = 0,
                    std: Stds = 1.0, weights: Weights = None) -> GaussianMixture:
     """Gaussians around ``num_components`` prototypes drawn from ``N(0, scale^2 I_dim)`` with
@@ -254,6 +296,7 @@ def random_mixture(*, num_components: int = 8, dim: int, scale: float = 1.0, see
     return GaussianMixture(means=prototypes, stds=std, weights=weights)
 
 
+@_checked_when_loaded
 def image_mixture(*, num_components: int = 8, image_size: int = 16, channels: int = 1,
                   std: Stds = 1.0, weights: Weights = None) -> GaussianMixture:
     """Gaussians in pixel space around prototype pictures of ``image_size`` (16 or 32) pixels
@@ -262,3 +305,4 @@ def image_mixture(*, num_components: int = 8, image_size: int = 16, channels: in
     shape = (channels, image_size, image_size)
     pictures = image_prototypes(num_components, image_size=image_size, channels=channels)
     return GaussianMixture(means=pictures, stds=std, weights=weights, image_shape=shape)
+
