@@ -51,10 +51,11 @@ from ldm_smd.bench.first_stage import prepare_first_stage
 from ldm_smd.bench.outputs import write_outputs
 from ldm_smd.bench.runs import SAMPLE_STREAM, Job, run_job
 from ldm_smd.bench.scorers import build_scorer
-from ldm_smd.bench.spec import bench_options, check_seeds, fast_samplers, scorer_spec
+from ldm_smd.bench.spec import bench_options, checked_seeds, fast_samplers, scorer_spec
 from ldm_smd.config import ConfigError, load_config
 from ldm_smd.console import quiet_lightning
 from ldm_smd.jsonio import dumps
+from ldm_smd.locks import FolderLock
 
 __all__ = ["SAMPLE_STREAM", "load_bench_config", "run_benchmark", "run_mixture_benchmark"]
 
@@ -118,11 +119,10 @@ def run_benchmark(
     ``quick`` overrides (a smoke run). ``workers`` training processes run at once with
     ``bench.threads_per_worker`` threads each (``workers = 1``: in this process); ``resume``
     and ``overwrite`` decide what happens to a benchmark already in ``out_dir`` (module
-    docstring). Every argument is checked before any work. Returns ``{"summary", "runs",
+    docstring). Every argument is checked before any work, and the folder is held by this
+    command (:class:`~ldm_smd.locks.FolderLock`) while it works. Returns ``{"summary", "runs",
     "table", "files", ...}``.
     """
-    from tqdm.auto import tqdm
-
     config = load_bench_config(config_path, overrides, quick=quick)
     bench = bench_options(config)
     known = list(config["bench"]["methods"])
@@ -138,15 +138,28 @@ def run_benchmark(
     if fast and max(T_list) > int(fast["base_T"]):
         raise ConfigError(f"--T {T_list}: more steps than bench.fast_samplers.base_T = "
                           f"{fast['base_T']}, the T of the model the fast samplers sample")
-    seeds = check_seeds(seeds if seeds is not None else bench["seeds"],
-                        key="--seeds" if seeds is not None else "bench.seeds")
+    seeds = checked_seeds(seeds if seeds is not None else bench["seeds"],
+                          key="--seeds" if seeds is not None else "bench.seeds")
     out = Path(out_dir)
+    with FolderLock(out, what="--out"):  # one command at a time in a benchmark folder
+        return _run(config, config_path, out, methods=methods, T_list=T_list, seeds=seeds,
+                    workers=int(workers if workers is not None else bench["workers"]),
+                    progress=progress, resume=resume, overwrite=overwrite)
+
+
+def _run(config: dict, config_path: str | Path, out: Path, *, methods: list[str],
+         T_list: list[int], seeds: list[int], workers: int, progress: bool, resume: bool,
+         overwrite: bool) -> dict[str, Any]:
+    """:func:`run_benchmark` once its arguments are checked, holding the folder's lock."""
+    from tqdm.auto import tqdm
+
+    bench = bench_options(config)
+    known = list(config["bench"]["methods"])
+    fast = fast_samplers(config)
     config_file = str(Path(config_path).resolve())
     found = earlier.check_folder(out, config_file=config_file, resume=resume,
                                  overwrite=overwrite)
     made_by = earlier.made_by(out)
-    # LOCK: the benchmark folder is owned by one command from here to the end (issue 21; the
-    # run-folder lock of ldm_smd.locks, branch wp-b2, goes here once it has landed)
     scorer = build_scorer(scorer_spec(config))  # a missing dataset or classifier: now
     refs = list(scorer.references) if bench["references"] else []
     clash = sorted(set(refs) & set(known) | set(refs) & set((fast or {}).get("samplers", {})))
@@ -174,7 +187,6 @@ def run_benchmark(
         print(f"[ldm-smd] bench: {len(replaced)} run folder(s) in {out / 'runs'} are replaced "
               f"as their jobs run again: {', '.join(replaced)}")
     jobs_left = [j for j in jobs if j not in kept]
-    workers = int(workers if workers is not None else bench["workers"])
     threads = int(bench["threads_per_worker"])
     start = time.perf_counter()
     runs: list[dict] = [r for records in kept.values() for r in records]

@@ -93,10 +93,6 @@ FIRST_STAGE_KEYS: dict[str, tuple[Any, str]] = {
     "scale_batches": (int, "batches of data for the latent scale factor (default 8)"),
 }
 MIXTURE_SCORER = "ldm_smd.bench.scorers.MixtureScorer"
-#: seeds a run accepts: ``lightning.seed_everything`` seeds the global RNGs with an unsigned
-#: 32-bit value, the narrowest of the generators a run's seed reaches (``ldm_smd.rng.derive_seed``
-#: takes any integer)
-SEED_RANGE = (0, 2**32 - 1)
 SCHEDULE_TARGET = "ldm_smd.diffusion.schedule.NoiseSchedule"
 
 
@@ -181,16 +177,15 @@ def first_stage_overrides(config: Mapping[str, Any]) -> list[str]:
     return out + list(block.get("overrides") or [])
 
 
-def check_seeds(seeds: Any, *, key: str) -> list[int]:
-    """``seeds`` as ints, each in :data:`SEED_RANGE`; else a :class:`ConfigError` naming
-    ``key`` (``bench.seeds`` or ``--seeds``) and the value."""
-    low, high = SEED_RANGE
+def checked_seeds(seeds: Any, *, key: str) -> list[int]:
+    """``seeds`` as ints, each a seed a run takes (:func:`ldm_smd.rng.seed_problem`), none
+    twice; else a :class:`ConfigError` naming ``key`` (``bench.seeds`` or ``--seeds``)."""
+    from ldm_smd.rng import seed_problem  # torch: only when a benchmark is checked
+
     values = list(seeds)
-    bad = [s for s in values if isinstance(s, bool) or not isinstance(s, int) or
-           not low <= s <= high]
-    if bad:
-        raise ConfigError(f"{key}: {bad[0]!r} is not a seed; seeds are integers from {low} to "
-                          f"{high} (2**32 - 1)")
+    for seed in values:
+        if problem := seed_problem(seed):
+            raise ConfigError(f"{key}: {problem}")
     if len(set(values)) != len(values):
         raise ConfigError(f"{key}: {values} names a seed twice")
     return [int(s) for s in values]
@@ -262,7 +257,7 @@ def validate_bench(config: Mapping[str, Any], *, source: str) -> None:
     if any(int(t) < 2 for t in bench.get("T_list", [])):
         raise ConfigError(f"bench.T_list: every T must be at least 2, got {bench['T_list']}")
     if "seeds" in bench:
-        check_seeds(bench["seeds"], key="bench.seeds")
+        checked_seeds(bench["seeds"], key="bench.seeds")
     for key in ("num_samples", "sample_batch", "workers", "threads_per_worker"):
         if key in bench and int(bench[key]) < 1:
             raise ConfigError(f"bench.{key}: must be at least 1, got {bench[key]}")

@@ -269,3 +269,15 @@ def test_seeds_are_checked_before_any_work(tmp_path, seeds, capsys):
     with pytest.raises(ConfigError, match=r"bench\.seeds: .*not a seed"):
         load_config(RING8, [f"bench.seeds=[{seeds[0] if seeds[0] != 0 else -5}]"])
     assert not out.exists()
+
+
+def test_a_second_command_into_a_held_folder_is_refused(tmp_path):
+    from ldm_smd.locks import FolderLock, FolderLockedError
+
+    out = tmp_path / "bench"
+    with FolderLock(out, what="--out", command="ldm-smd bench --config other.yaml"):
+        with pytest.raises(FolderLockedError, match=r"other\.yaml"):
+            run_mixture_benchmark(RING8, out_dir=out, overrides=TINY, quick=True,
+                                  methods=["vanilla"], progress=False)
+        assert sorted(p.name for p in out.iterdir()) == [".ldm-smd.lock"]
+    assert not out.exists()  # the lock made it and nothing was written
