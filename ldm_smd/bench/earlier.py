@@ -168,6 +168,28 @@ def read_finished(run_dir: Path, *, config: dict, scoring_options: dict,
     return records, ""
 
 
+def kept_jobs(out: Path, jobs: Sequence[Any], config: dict, *, layout: Layout,
+              resume: bool) -> tuple[dict[Any, list[dict]], list[str]]:
+    """``(kept, replaced)``: the records of each trained job (a :class:`ldm_smd.bench.runs.Job`)
+    whose finished run a ``resume`` keeps, and the run folders in ``out`` that are there but not
+    kept (``name (why)`` where a resume says why), which their jobs replace."""
+    kept: dict[Any, list[dict]] = {}
+    replaced = []
+    for job in jobs:
+        if job.kind == "reference":
+            continue
+        run_dir = out / "runs" / job.name
+        records, why = read_finished(
+            run_dir, config=config, scoring_options=scoring(config, fast=job.kind == "fast"),
+            rows=job.rows(config), layout=layout, method=job.method, T=job.T,
+            seed=job.seed) if resume else (None, "")
+        if records is not None:
+            kept[job] = records
+        elif run_dir.exists():
+            replaced.append(f"{job.name} ({why})" if why else job.name)
+    return kept, replaced
+
+
 def clear(out: Path, found: Iterable[Path], *, keep: set[str]) -> list[str]:
     """Delete the earlier benchmark's ``found`` entries in ``out`` but the folders named in
     ``keep`` (this benchmark's own runs and first stage, which replace their folders themselves);

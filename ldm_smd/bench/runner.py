@@ -168,24 +168,11 @@ def _run(config: dict, config_path: str | Path, out: Path, *, methods: list[str]
     rows = methods + list((fast or {}).get("samplers", {})) + refs
     config = prepare_first_stage(config, out, reuse=resume)
     jobs = plan(config, methods, T_list, seeds, refs)
-    kept: dict[Job, list[dict]] = {}
-    replaced: list[str] = []
-    for job in jobs:
-        if job.kind == "reference":
-            continue
-        run_dir = out / "runs" / job.name
-        records, why = earlier.read_finished(
-            run_dir, config=config, scoring_options=earlier.scoring(config,
-                                                                     fast=job.kind == "fast"),
-            rows=job.rows(config), layout=scorer.layout, method=job.method, T=job.T,
-            seed=job.seed) if resume else (None, "")
-        if records is not None:
-            kept[job] = records
-        elif run_dir.exists():
-            replaced.append(f"{job.name} ({why or ('--overwrite' if overwrite else 'unfinished')})")
+    kept, replaced = earlier.kept_jobs(out, jobs, config, layout=scorer.layout, resume=resume)
     if replaced:
+        why = "" if resume else f" ({'--overwrite' if overwrite else 'unfinished'})"
         print(f"[ldm-smd] bench: {len(replaced)} run folder(s) in {out / 'runs'} are replaced "
-              f"as their jobs run again: {', '.join(replaced)}")
+              f"as their jobs run again{why}: {', '.join(replaced)}")
     jobs_left = [j for j in jobs if j not in kept]
     threads = int(bench["threads_per_worker"])
     start = time.perf_counter()
