@@ -11,11 +11,8 @@ A config file has these top-level sections::
     logging: {tensorboard: true, csv: true}
     bench: {methods: {NAME: {...}}, T_list: [...], seeds: [...], ...}   # benchmark configs only
 
-Other modules add sections of their own with :func:`register_section`, and this module imports
-none of them: the ``bench:`` block of a benchmark config (``configs/mixture/``, ``configs/bench/``)
-is registered by :mod:`ldm_smd.bench.spec`, which the package imports in its ``__init__``, so
-every loader checks it (the model of every method, the config its ``quick`` overrides make) and a
-misspelt key anywhere is refused before any work.
+Other modules add sections with :func:`register_section` (this one imports none of them): the
+``bench:`` block of a benchmark config is :mod:`ldm_smd.bench.spec`'s, checked by every loader.
 
 :func:`load_config` reads a file and applies overrides: ``a.b.c=value`` sets a key (a mapping
 value replaces the whole block), ``~a.b.c`` deletes one; :func:`validate_config`
@@ -34,7 +31,7 @@ import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -58,34 +55,19 @@ LOGGING_KEYS = {"tensorboard": bool, "csv": bool, "sample_every_n_steps": int, "
 NAN_GUARD_KEYS = {"action": str, "max_skips": int}
 
 
-class ConfigSection(NamedTuple):
-    """A top-level section that another module adds to the config language: ``summary`` says
-    what it holds, ``validate(config, source=...)`` checks it.
-
-    ``validate(config, source=...)`` checks the section of ``config`` (the whole config is given,
-    so the section can be checked against the other blocks) and raises :class:`ConfigError`
-    naming the key; it is called by :func:`validate_config` whenever the config holds the section.
-    """
-
-    summary: str
-    validate: Callable[..., None]
-
-
-#: the sections other modules add, by name (:func:`register_section`)
-SECTIONS: dict[str, ConfigSection] = {}
+#: the sections other modules add to the language, by name: ``(summary, validate)``, where
+#: ``validate(config, source=...)`` checks the section against the whole ``config`` and raises
+#: :class:`ConfigError` naming the key; :func:`validate_config` calls it when the section is there
+SECTIONS: dict[str, tuple[str, Callable[..., None]]] = {}
 
 
 def register_section(name: str, *, summary: str, validate: Callable[..., None]) -> None:
-    """Add the top-level section ``name`` to the config language (see :class:`ConfigSection`).
-
-    The module that owns a section calls this when it is imported (``ldm_smd.bench.spec`` adds
-    ``bench``); the package imports such modules in its ``__init__``, so every loader knows them
-    while this module imports none of them. Registering a name again replaces it (a reloaded
-    module); a name of :data:`TOP_LEVEL_KEYS` cannot be registered.
-    """
+    """Add the top-level section ``name`` (see :data:`SECTIONS`). Its module calls this when
+    imported (``ldm_smd.bench.spec`` adds ``bench``; the package's ``__init__`` imports it), so
+    every loader knows it while this module imports none of them."""
     if name in TOP_LEVEL_KEYS:
         raise ValueError(f"register_section: {name!r} is a built-in section of the config")
-    SECTIONS[name] = ConfigSection(summary=summary, validate=validate)
+    SECTIONS[name] = (summary, validate)
 
 
 _EXPONENT_FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
@@ -375,9 +357,8 @@ def check_arguments(
 
 
 def check_keys(section: Any, allowed: Mapping[str, Any], *, key: str) -> None:
-    """``section`` is a mapping whose every entry is a key of ``allowed`` holding a value of its
-    annotation; else a :class:`ConfigError` naming ``key.entry`` (and the valid keys). For the
-    plain sections of the language (``checkpoint``, ``logging``, ...) and those registered."""
+    """``section`` maps keys of ``allowed`` to values of their annotations; else a
+    :class:`ConfigError` naming ``key.entry`` (and the valid keys)."""
     if not isinstance(section, Mapping):
         raise ConfigError(f"{key}: expected a mapping, got {section!r}")
     for name, value in section.items():
@@ -434,18 +415,16 @@ def validate_config(config: Mapping[str, Any], *, source: str = "config") -> Non
             )
         check_arguments(trainer, Trainer, key="trainer", label="lightning.Trainer",
                         excluded=TRAINER_SET_BY_US)
-    if config.get("checkpoint") is not None:
-        check_keys(config["checkpoint"], CHECKPOINT_KEYS, key="checkpoint")
-    if config.get("logging") is not None:
-        check_keys(config["logging"], LOGGING_KEYS, key="logging")
-    if config.get("nan_guard") is not None:
-        check_keys(config["nan_guard"], NAN_GUARD_KEYS, key="nan_guard")
+    for name, allowed in (("checkpoint", CHECKPOINT_KEYS), ("logging", LOGGING_KEYS),
+                          ("nan_guard", NAN_GUARD_KEYS)):
+        if config.get(name) is not None:
+            check_keys(config[name], allowed, key=name)
     action = (config.get("nan_guard") or {}).get("action", "stop")
     if action not in ("stop", "skip"):
         raise ConfigError(f"nan_guard.action: {action!r} is not one of: stop, skip")
-    for name, section in SECTIONS.items():
+    for name, (_, validate) in SECTIONS.items():
         if config.get(name) is not None:
-            section.validate(config, source=source)
+            validate(config, source=source)
 
 
 def instantiate(spec: Mapping[str, Any], **extra: Any) -> Any:

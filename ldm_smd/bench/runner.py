@@ -2,7 +2,7 @@
 
 A benchmark config is an ordinary stage-2 config with a ``bench:`` block
 (:mod:`ldm_smd.bench.spec`); its scorer (:mod:`ldm_smd.bench.scorers`) is its kind of data: a
-Gaussian mixture with known density (SMD.md section 6), or images judged by a domain classifier.
+Gaussian mixture with known density (exact metrics), or images judged by a domain classifier.
 For every method, every number of steps ``T`` and every seed, the runner writes that run's
 stage-2 config to ``out_dir/runs/<method>_T<T>_seed<seed>/config.yaml`` and trains it exactly as
 ``ldm-smd train`` would (:func:`ldm_smd.train.build_run`: the same LightningModule, objective,

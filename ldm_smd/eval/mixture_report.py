@@ -2,7 +2,7 @@
 
 The leading metric is the sliced Wasserstein distance to the mixture (its floor, a true sample's,
 in brackets); the column beside it, the share of vanilla's excess SW over the exact posterior's
-removed (``sw_removed``), is the headline figure (SMD.md section 6), paired by seed against the
+removed (``sw_removed``), is the headline figure, paired by seed against the
 runs named ``vanilla`` and ``exact_posterior``. The functions below are those of
 :mod:`~ldm_smd.eval.bench_report` with this layout, for scripts that read mixture benchmarks.
 """

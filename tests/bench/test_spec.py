@@ -94,7 +94,7 @@ def test_a_registered_section_is_validated_and_listed(monkeypatch):
         if config["extra"] != 1:
             raise ConfigError("extra: must be 1")
 
-    monkeypatch.setitem(cfg.SECTIONS, "extra", cfg.ConfigSection(summary="x", validate=check))
+    monkeypatch.setitem(cfg.SECTIONS, "extra", ("x", check))
     base = {"model": {"target": "ldm_smd.nn.mlp.MLPDenoiser", "params": {"dim": 2}}}
     validate_config({**base, "extra": 1}, source="a.yaml")
     with pytest.raises(ConfigError, match="extra: must be 1"):
