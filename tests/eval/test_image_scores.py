@@ -12,6 +12,7 @@ from ldm_smd.checkpoints import CheckpointError
 from ldm_smd.cli import main as cli
 from ldm_smd.data.mnist5k import load_split, to_images
 from ldm_smd.errors import DataError, UsageError
+from ldm_smd.eval.classifier import load_classifier, save_classifier
 from ldm_smd.eval.image_scores import ImageScorer
 
 
@@ -107,3 +108,11 @@ def test_the_command_prints_and_writes_scores_beside_the_floor(
     assert set(record["scores"]) == set(record["floor"]) == set(record["better"])
     printed = capsys.readouterr().out
     assert "floor" in printed and "class_kl" in printed
+
+
+def test_a_classifier_of_another_train_split_is_refused(mnist5k_root, short_classifier, tmp_path):
+    model, meta = load_classifier(short_classifier)
+    other = tmp_path / "other.safetensors"
+    save_classifier(model, {**meta, "train_sha256": "0" * 64}, other)
+    with pytest.raises(CheckpointError, match="trained on another train split"):
+        ImageScorer(data=mnist5k_root, classifier=other)
