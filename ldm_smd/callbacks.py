@@ -3,7 +3,8 @@
 - :class:`AtomicCheckpointIO`: checkpoints written to a temporary name then renamed, and read
   back weights-only, so the ``last`` checkpoint is always complete and never runs code.
 - :class:`NanGuard`: a non-finite loss term or gradient stops training with a message naming the
-  step and the term (the last good checkpoint stays), or skips the batch and counts it.
+  step and the term (earlier checkpoints stay; ``train`` says which), or skips the batch and
+  counts it.
 - :class:`RngStates`: the global torch / numpy / ``random`` (and CUDA) RNG states travel in the
   checkpoint, so code that draws from them (dropout, a dataset's own augmentation) resumes exactly.
 - :class:`FinalCheckpoint`: writes ``last.ckpt`` after the final batch, resumable exactly.
@@ -281,9 +282,10 @@ class GracefulStop(L.Callback):
     :attr:`stopped_at` is then the step. A second Ctrl-C stops at once (Lightning's own
     handling; the last checkpoint written before stays).
 
-    The handler is installed when training starts, in the main thread only, and the previous
-    one is put back when training ends, however it ends. With several processes the stop is
-    agreed on at every step, so every rank stops at the same one.
+    The handler is installed when training starts, in the main thread where Ctrl-C raises
+    ``KeyboardInterrupt`` (Python's default), and the previous one is put back when training
+    ends, however it ends. With several processes the stop is agreed on at every step, so every
+    rank stops at the same one.
 
     Args:
         path: the checkpoint written at the stop (the run's ``last.ckpt``).
@@ -303,7 +305,10 @@ class GracefulStop(L.Callback):
               "stops at once)", flush=True)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if threading.current_thread() is threading.main_thread():
+        # only where Ctrl-C would raise KeyboardInterrupt: not off the main thread, nor where
+        # SIGINT is ignored (a background job of a script) or handled by someone else
+        if threading.current_thread() is threading.main_thread() \
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
             self._previous = signal.signal(signal.SIGINT, self._on_sigint)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,

@@ -252,12 +252,15 @@ def check_state_dict(
     return kept
 
 
-def check_finite_weights(state_dict: Mapping[str, Any], *, source: str = "checkpoint") -> None:
-    """Every floating-point tensor of ``state_dict`` is finite; else a :class:`CheckpointError`
-    listing the tensors that hold NaN or infinite values (a model with them samples blank or
-    black images)."""
+def check_finite_weights(state_dict: Mapping[str, Any], *, source: str = "checkpoint",
+                         ignore_prefixes: Iterable[str] = ()) -> None:
+    """Every floating-point tensor of ``state_dict`` (but those under ``ignore_prefixes``) is
+    finite; else a :class:`CheckpointError` listing the tensors that hold NaN or infinite values
+    (a model with them samples blank or black images)."""
+    ignore = tuple(ignore_prefixes)
     bad = [name for name, value in state_dict.items()
-           if torch.is_tensor(value) and value.is_floating_point()
+           if not (ignore and name.startswith(ignore))
+           and torch.is_tensor(value) and value.is_floating_point()
            and not bool(torch.isfinite(value).all())]
     if bad:
         raise CheckpointError(

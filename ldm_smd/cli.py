@@ -1,9 +1,12 @@
 """The ``ldm-smd`` command line: argument parsing, then one call into the package.
 
 Only the standard library is imported here; each command imports what it needs when it runs, so
-``ldm-smd --help`` answers at once. Every named error (:class:`ldm_smd.errors.LdmSmdError`) is
-printed as ``ldm-smd CMD: error: MESSAGE`` with exit status 2, like argparse's own errors; the
-traceback is printed too with ``--debug`` or ``LDM_SMD_DEBUG=1``.
+``ldm-smd --help`` answers at once, and a missing ``--config`` file is named before the heavy
+imports. Every named error (:class:`ldm_smd.errors.LdmSmdError`) is printed as
+``ldm-smd CMD: error: MESSAGE`` with exit status 2, like argparse's own errors; the traceback is
+printed too with ``--debug`` or ``LDM_SMD_DEBUG=1``. Ctrl-C is one line too,
+``ldm-smd CMD: interrupted: WHAT WAS KEPT``, with exit status 130. Before torch is imported the
+OpenMP settings for a shared machine are made (:mod:`ldm_smd.cpu`).
 """
 
 from __future__ import annotations
@@ -13,6 +16,9 @@ import os
 import sys
 import traceback
 from collections.abc import Sequence
+from pathlib import Path
+
+from ldm_smd.cpu import share_cores_politely
 
 DESCRIPTION = (
     "Latent diffusion with Soft Mixture Denoising (Li, van Breugel, van der Schaar, ICLR 2024):\n"
@@ -24,7 +30,10 @@ example:
   ldm-smd train --config configs/demo/autoencoder.yaml
 
 `ldm-smd CMD --help` shows a command's options, defaults and an example. Errors are one line,
-`ldm-smd CMD: error: ...`, exit status 2; --debug (or {DEBUG_ENV}=1) adds the traceback."""
+`ldm-smd CMD: error: ...`, exit status 2; --debug (or {DEBUG_ENV}=1) adds the traceback.
+Ctrl-C stops cleanly (exit status 130) and says what was kept."""
+DEBUG_VALUES = {"1": True, "true": True, "yes": True, "on": True,
+                "": False, "0": False, "false": False, "no": False, "off": False}
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -75,7 +84,17 @@ def _non_negative_float(text: str) -> float:
 # ----------------------------------------------------------------------------- commands
 
 
+def _config_file(path: str | None) -> None:
+    """A missing ``--config`` file is named before the package's heavy imports."""
+    if path is not None and not Path(path).is_file():
+        from ldm_smd.errors import UsageError
+
+        what = "is a folder, not a file" if Path(path).is_dir() else "not found"
+        raise UsageError(f"--config {path}: config file {what}")
+
+
 def _cmd_train(args: argparse.Namespace) -> None:
+    _config_file(args.config)
     from ldm_smd.train import train
 
     train(args.config, args.overrides, resume=args.resume, overwrite=args.overwrite)
@@ -91,11 +110,14 @@ def _cmd_sample(args: argparse.Namespace) -> None:
         overwrite=args.overwrite,
     )
     print(f"[ldm-smd] {args.n} samples in {result['seconds']:.1f} s")
-    print(f"[ldm-smd] grid: {result['grid']}")
+    shown = (f" (the first {result['grid_count']} of {args.n} samples)"
+             if result["grid_count"] < args.n else "")
+    print(f"[ldm-smd] grid: {result['grid']}{shown}")
     print(f"[ldm-smd] images: {result['images']}  arrays: {result['npz']}")
 
 
 def _cmd_scale_factor(args: argparse.Namespace) -> None:
+    _config_file(args.config)
     from ldm_smd.latent_scale import scale_factor_command
 
     value = scale_factor_command(args.ckpt, args.config, batches=args.batches, write=args.write)
@@ -118,8 +140,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
 
 def _cmd_bench(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
+    _config_file(args.config)
     from ldm_smd.bench.runner import load_bench_config, run_benchmark
     from ldm_smd.checkpoints import check_writable
 
@@ -214,9 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
         sub, "sample", "sample images from a stage-2 checkpoint",
         "ldm-smd sample --ckpt runs/demo/ldm-smd/checkpoints/last.ckpt --sampler ddim "
         "--steps 50 --n 64 --out samples/run1",
-        "Writes OUT/grid.png, OUT/images/000000.png ... and OUT/samples.npz. Sample i of seed S\n"
-        "comes from its own generator, seeded derive_seed(S, i): the same files for any\n"
-        "--batch-size, and unrelated sets for different seeds.",
+        "Writes OUT/images/000000.png ..., OUT/samples.npz and OUT/grid.png (the first 64\n"
+        "samples, enlarged to a readable size). Sample i of seed S comes from its own\n"
+        "generator, seeded derive_seed(S, i): the same files for any --batch-size, and\n"
+        "unrelated sets for different seeds. Ctrl-C keeps the complete images (exit 130).",
     )
     p.add_argument("--ckpt", required=True, metavar="CKPT", help="stage-2 checkpoint (.ckpt)")
     p.add_argument("--out", required=True, metavar="DIR",
@@ -226,15 +248,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "images/); a folder holding other files is still refused")
     p.add_argument("--n", type=_positive, default=16, help="number of samples")
     p.add_argument("--steps", type=_positive, default=None,
-                   help="sampler steps, 1..T (default: the checkpoint's sampler.steps, else T)")
+                   help="sampler steps, 1..T (default: the checkpoint's "
+                        "model.params.sampler.params.steps, else T)")
     p.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp"], default=None,
-                   help="sampler (default: the checkpoint's sampler.name)")
+                   help="sampler (default: the checkpoint's model.params.sampler.params.kind)")
     p.add_argument("--spacing", choices=["uniform", "trailing", "quadratic"], default=None,
                    help="timestep spacing (default: the checkpoint's, else uniform)")
     p.add_argument("--ddim-eta", type=_non_negative_float, default=None, metavar="ETA",
                    help="DDIM stochasticity: 0 deterministic, 1 DDPM-like (default: the "
                         "checkpoint's, else 0)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the whole set of samples")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the whole set of samples, 0 .. 2**32 - 1")
     p.add_argument("--batch-size", type=_positive, default=16,
                    help="samples per batch (does not change the samples)")
     p.add_argument("--device", default=None,
@@ -360,16 +384,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _debug_requested(args: argparse.Namespace) -> bool:
+    """``--debug``, or ``LDM_SMD_DEBUG`` set to 1 / true / yes / on (0 / false / no / off and
+    empty are off; anything else is a usage error, before any work)."""
+    value = os.environ.get(DEBUG_ENV, "").strip().lower()
+    if value not in DEBUG_VALUES:
+        from ldm_smd.errors import UsageError
+
+        raise UsageError(f"{DEBUG_ENV}={os.environ[DEBUG_ENV]!r}: use 1 (or true, yes, on) to "
+                         "show tracebacks, 0 (or false, no, off) or nothing not to")
+    return bool(args.debug or args.debug_all or DEBUG_VALUES[value])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one command; returns the exit status (0, or 2 for a named or usage error)."""
+    """Run one command; returns the exit status (0; 2 for a named or usage error; 130 when
+    Ctrl-C stopped it)."""
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help (0) or a usage error (2), already printed
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    share_cores_politely()
     from ldm_smd.errors import WRITE_ERRNOS, LdmSmdError, describe_os_error
 
-    debug = args.debug or args.debug_all or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    debug = False
     try:
+        debug = _debug_requested(args)
         args.func(args)
     except LdmSmdError as exc:
         error: BaseException = exc
@@ -378,6 +417,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if exc.errno not in WRITE_ERRNOS:
             raise
         error, message = exc, f"could not write {describe_os_error(exc)}"
+    except KeyboardInterrupt as exc:
+        if debug:
+            traceback.print_exception(exc)
+        print(f"\nldm-smd {args.command}: interrupted: {exc or 'stopped by Ctrl-C'}",
+              file=sys.stderr)
+        return 130
     else:
         return 0
     if debug:

@@ -188,8 +188,8 @@ class FolderLock:
             self._made_folder = not self.folder.exists()
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise OutputError(f"cannot make {self.what} {describe_os_error(exc, self.folder)}")\
-                from exc
+            reason = describe_os_error(exc, self.folder)
+            raise OutputError(f"cannot make {self.what} {reason}") from exc
         for _ in range(10):  # the file can be replaced between open and flock: then again
             fd = self._open()
             try:
@@ -212,8 +212,8 @@ class FolderLock:
             return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         except OSError as exc:
             self._remove_made_folder()
-            raise OutputError(f"cannot write the lock file {describe_os_error(exc, self.path)}")\
-                from exc
+            reason = describe_os_error(exc, self.path)
+            raise OutputError(f"cannot write the lock file {reason}") from exc
 
     def _lock(self, fd: int) -> LockOwner | None | bool:
         """Lock the open lock file ``fd``: the previous owner recorded in it (a stale one, or

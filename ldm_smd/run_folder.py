@@ -70,7 +70,7 @@ def newest_checkpoint(run_dir: Path) -> tuple[Path, str]:
             problems.append(f"{path.name} is damaged ({exc})")
             continue
         if last_step >= 0:
-            problems.append(f"{path.name} is newer than its step {last_step}")
+            problems.append(f"{path.name} is newer than {LAST} (step {last_step})")
         return path, "; ".join(problems)
     if last_step >= 0:
         return last, ""

@@ -40,6 +40,8 @@ from ldm_smd.rng import row_generators, seed_problem
 
 #: what :func:`sample_to_dir` writes into its folder (and all that ``overwrite`` removes)
 OUTPUTS = ("grid.png", "samples.npz", "images")
+#: checkpoint prefixes of the network's weights and of their EMA (the ones sampling uses)
+NETWORK_PREFIX, EMA_PREFIX = "model.diffusion_model.", "model_ema."
 #: ``grid.png`` shows at most this many samples (an 8 x 8 grid); all are in images/ and the .npz
 GRID_TILES = 64
 _SINGLE = re.compile(r"\d{6}\.png")
@@ -57,9 +59,16 @@ def _check_hparams(ckpt: Any, path: str | Path) -> dict[str, Any]:
     return hparams
 
 
-def _build(ckpt: dict[str, Any], path: str | Path, *, device: str) -> LatentDiffusion:
+def _build(ckpt: dict[str, Any], path: str | Path, *, device: str,
+           use_ema: bool | None = None) -> LatentDiffusion:
+    """The model of a stage-2 checkpoint; the weights that will sample (``use_ema``: the EMA's
+    or the raw network's; ``None``: all) must be finite."""
     hparams = _check_hparams(ckpt, path)
-    check_finite_weights(ckpt["state_dict"], source=str(path))
+    state = ckpt["state_dict"]
+    has_ema = any(k.startswith(EMA_PREFIX) for k in state)
+    unused = () if use_ema is None else (
+        (NETWORK_PREFIX,) if use_ema and has_ema else (EMA_PREFIX,))
+    check_finite_weights(state, source=str(path), ignore_prefixes=unused)
     model = LatentDiffusion(**{**hparams, "load_first_stage_weights": False})
     load_state_dict_strict(model, ckpt["state_dict"], source=str(path))
     return model.to(device).eval()
@@ -208,7 +217,7 @@ def sample_to_dir(
             schedule = hparams.get("schedule") or {}
             if "num_timesteps" in schedule:
                 check_steps(steps, int(schedule["num_timesteps"]), source=str(ckpt_path))
-            model = _build(ckpt, ckpt_path, device=device)
+            model = _build(ckpt, ckpt_path, device=device, use_ema=use_ema)
             del ckpt
         check_steps(steps, model.schedule.num_timesteps, source=str(ckpt_path))
         if steps is None and (reason := default_steps_error(model, source=str(ckpt_path))):
@@ -240,8 +249,8 @@ def _sample(model: LatentDiffusion, out_dir: Path, *, n: int, seed: int, batch_s
             save_singles(images, out_dir / "images", start=first)
             chunks.append(images)
     except KeyboardInterrupt:
-        done = len(list((out_dir / "images").glob("*.png"))) if (out_dir / "images").is_dir() \
-            else 0
+        folder = out_dir / "images"
+        done = len(list(folder.glob("*.png"))) if folder.is_dir() else 0
         names = f" (000000.png .. {done - 1:06d}.png)" if done else ""
         raise Interrupted(
             f"{done} of {n} samples are complete in {out_dir / 'images'}{names}; grid.png and "

@@ -418,11 +418,13 @@ def _train(config: dict[str, Any], run_dir: Path, *, ckpt_path: Path | None, sta
     try:
         _fit(trainer, model, datamodule, ckpt_path=ckpt_path, run_dir=run_dir)
     except BaseException as exc:
-        outcome = clean_up_after_failure(run_dir, before, new_run=ckpt_path is None) \
-            if first else kept(run_dir)
+        if first:
+            outcome = clean_up_after_failure(run_dir, before, new_run=ckpt_path is None)
+        else:
+            outcome = kept(run_dir)
         if isinstance(exc, SystemExit) and trainer.interrupted:  # a second Ctrl-C
-            raise Interrupted(f"stopped during step {trainer.global_step + 1}; {outcome}") \
-                from None
+            step = trainer.global_step + 1
+            raise Interrupted(f"stopped during step {step}; {outcome}") from None
         if isinstance(exc, NonFiniteError):
             raise NonFiniteError(f"{exc}; {outcome}") from exc
         raise

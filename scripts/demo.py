@@ -19,16 +19,20 @@ import argparse
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
+from ldm_smd.cpu import share_cores_politely
 
-from ldm_smd.bench.runner import run_mixture_benchmark
-from ldm_smd.config import instantiate, load_config
-from ldm_smd.convert import load_first_stage
-from ldm_smd.images import save_grid
-from ldm_smd.latent_scale import scale_factor_command
-from ldm_smd.sample import sample_to_dir
-from ldm_smd.train import train
+share_cores_politely()  # OpenMP's wait policy for a shared machine, before torch is imported
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from ldm_smd.bench.runner import run_mixture_benchmark  # noqa: E402
+from ldm_smd.config import instantiate, load_config  # noqa: E402
+from ldm_smd.convert import load_first_stage  # noqa: E402
+from ldm_smd.images import save_grid  # noqa: E402
+from ldm_smd.latent_scale import scale_factor_command  # noqa: E402
+from ldm_smd.sample import sample_to_dir  # noqa: E402
+from ldm_smd.train import train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

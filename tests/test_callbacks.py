@@ -114,3 +114,26 @@ def test_gradient_check_is_exact_where_the_fast_norm_overflows():
     for bad in (float("nan"), float("inf")):
         grads = [torch.ones(3), torch.tensor([1.0, bad]), torch.ones(2, dtype=torch.float64)]
         assert not _all_finite(grads)
+
+
+def test_graceful_stop_leaves_an_ignored_or_foreign_sigint_alone():
+    import signal
+
+    from ldm_smd.callbacks import GracefulStop
+
+    def foreign(signum, frame):
+        return None
+
+    for handler in (signal.SIG_IGN, foreign):  # a script's background job; someone else's
+        previous = signal.signal(signal.SIGINT, handler)
+        try:
+            stop = GracefulStop(path="unused.ckpt")
+            stop.on_train_start(None, None)
+            assert signal.getsignal(signal.SIGINT) is handler
+        finally:
+            signal.signal(signal.SIGINT, previous)
+    stop = GracefulStop(path="unused.ckpt")
+    stop.on_train_start(None, None)  # Python's default: Ctrl-C now stops after the step
+    assert signal.getsignal(signal.SIGINT) == stop._on_sigint
+    stop.teardown(None, None, "fit")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -112,6 +112,23 @@ def test_the_bar_rate_is_the_mean_over_this_sessions_steps():
                 if type(c).__name__ == "ProcessingSpeedColumn"]  # Rich's windowed speed
 
 
+def test_the_tqdm_rate_counts_only_this_sessions_steps():
+    progress = SimpleNamespace(current=SimpleNamespace(ready=80))  # resumed at batch 80
+    trainer = SimpleNamespace(
+        num_training_batches=3125, max_steps=129, global_step=80, max_epochs=-1, current_epoch=0,
+        fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)),
+    )
+    bar = StepTQDMProgressBar()
+    bar._trainer = trainer
+    bar.train_progress_bar = bar.init_train_tqdm()
+    bar.on_train_epoch_start(trainer)
+    tqdm_bar = bar.train_progress_bar
+    tqdm_bar.n = 90  # 10 steps of this session in 10 s: 1 step a second, not 9
+    line = tqdm_bar.format_meter(**{**tqdm_bar.format_dict, "elapsed": 10.0})
+    tqdm_bar.close()
+    assert "90/129" in line and "1.00it/s" in line
+
+
 def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
     action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     return dict(action.choices)

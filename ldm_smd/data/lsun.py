@@ -18,6 +18,7 @@ with PIL bicubic (``interpolation`` can select lanczos), a random left-right fli
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -188,7 +189,8 @@ class LSUNLMDB(EncodedImageDataset):
             if entries > _SCAN_WARN:
                 warnings.warn(
                     f"scanning {entries} keys of {self.path}; write a key index once with "
-                    f"`python scripts/prepare_lsun.py index {self.path}` for a fast start",
+                    f"`python scripts/prepare_lsun.py index {shlex.quote(str(self.path))}` for a "
+                    "fast start",
                     stacklevel=2,
                 )
             keys = scan_keys(env)

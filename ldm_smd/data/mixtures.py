@@ -41,8 +41,8 @@ def non_finite(value: Any) -> bool:
 def _check_finite(owner: str, **values: Any) -> None:
     for name, value in values.items():
         if non_finite(value):
-            shown = value.tolist() if isinstance(value, torch.Tensor) and value.numel() <= 8 \
-                else value
+            small = isinstance(value, torch.Tensor) and value.numel() <= 8
+            shown = value.tolist() if small else value
             raise ValueError(f"{owner}: {name} must be finite numbers, got {shown}")
 
 

@@ -20,6 +20,7 @@ exactly what an uninterrupted one would have.
 from __future__ import annotations
 
 import math
+import shlex
 from collections.abc import Mapping
 from typing import Any
 
@@ -132,8 +133,8 @@ class LatentDiffusion(L.LightningModule):
         else:
             raise ValueError(
                 f"model.params.scale_factor is not set and the first stage {first_stage} has "
-                f"none: run `ldm-smd scale-factor --ckpt {first_stage} --config DATA.yaml` "
-                f"and put the value into the config"
+                f"none: run `ldm-smd scale-factor --ckpt {shlex.quote(first_stage)} --config "
+                "DATA.yaml` and put the value into the config"
             )
         if autoencoder is not None:
             print(f"[ldm-smd] first stage {first_stage}: latent scale factor {scale:.6g}")
