@@ -139,21 +139,22 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         print(f"[ldm-smd] metrics written to {args.out}")
 
 
-def _cmd_bench_mixture(args: argparse.Namespace) -> None:
+def _cmd_bench(args: argparse.Namespace) -> None:
     _config_file(args.config)
-    from ldm_smd.bench.runner import load_bench_config, run_mixture_benchmark
+    from ldm_smd.bench.runner import load_bench_config, run_benchmark
     from ldm_smd.fileio import check_writable
 
     load_bench_config(args.config, args.overrides, quick=args.quick)  # every key, before work
-    out = Path(args.out) if args.out else Path("runs") / "mixture" / Path(args.config).stem
+    config = Path(args.config)
+    out = Path(args.out) if args.out else Path("runs") / config.parent.name / config.stem
     check_writable(out, what="--out", folder=True)
-    result = run_mixture_benchmark(
+    result = run_benchmark(
         args.config, out_dir=out, overrides=args.overrides, quick=args.quick, seeds=args.seeds,
         T_list=args.T, workers=args.workers, methods=args.methods, resume=args.resume,
         overwrite=args.overwrite,
     )
     print(result.get("table", ""))
-    print(f"[ldm-smd] mixture benchmark written to {out}")
+    print(f"[ldm-smd] benchmark written to {out} (results.md, results.json, metrics_vs_T.png)")
 
 
 def _cmd_train_classifier(args: argparse.Namespace) -> None:
@@ -193,10 +194,10 @@ def _cmd_score_images(args: argparse.Namespace) -> None:
 
 
 def _command(sub: argparse._SubParsersAction, name: str, summary: str, example: str,
-             notes: str = "") -> argparse.ArgumentParser:
+             notes: str = "", aliases: Sequence[str] = ()) -> argparse.ArgumentParser:
     epilog = f"example:\n  {example}" + (f"\n\n{notes}" if notes else "")
     p = sub.add_parser(name, help=summary, description=summary, epilog=epilog,
-                       formatter_class=_Formatter)
+                       formatter_class=_Formatter, aliases=list(aliases))
     p.add_argument("--debug", action="store_true",
                    help=f"print the full traceback of an error (or set {DEBUG_ENV}=1)")
     return p
@@ -309,18 +310,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_eval)
 
     p = _command(
-        sub, "bench-mixture", "Gaussian-mixture benchmark with known truth",
-        "ldm-smd bench-mixture --config configs/mixture/ring8.yaml --quick",
-        "An --out folder that already holds a benchmark is refused: continue it with --resume,\n"
-        "start it over with --overwrite, or give another --out.",
+        sub, "bench", "benchmark: train every method at every T and seed, score, tabulate",
+        "ldm-smd bench --config configs/bench/mnist5k-pixel.yaml --quick",
+        "Runs the benchmark of a config with a bench: block: configs/mixture/*.yaml (Gaussian\n"
+        "mixtures, exact metrics) or configs/bench/*.yaml (MNIST-5k images, scored by the\n"
+        "domain classifier). `bench-mixture` is the same command.\n"
+        "An --out folder that already holds a benchmark is refused: continue it with --resume\n"
+        "(of the same config file), start it over with --overwrite, or give another --out.",
+        aliases=["bench-mixture"],
     )
     p.add_argument("--config", required=True, metavar="FILE",
-                   help="benchmark config (configs/mixture/*.yaml)")
+                   help="benchmark config (configs/mixture/*.yaml, configs/bench/*.yaml)")
     p.add_argument("--out", default=None, metavar="DIR",
-                   help="output folder (default: runs/mixture/CONFIG_NAME)")
+                   help="output folder (default: runs/CONFIG_FOLDER/CONFIG_NAME, e.g. "
+                        "runs/mixture/ring8)")
     p.add_argument("--quick", action="store_true", help="tiny smoke-test budget")
     p.add_argument("--seeds", type=int, nargs="+", default=None,
-                   help="override the config's seeds")
+                   help="override the config's seeds (integers 0 .. 2**32 - 1)")
     p.add_argument("--T", type=_positive, nargs="+", default=None,
                    help="override the config's list of T")
     p.add_argument("--workers", type=_positive, default=None,
@@ -329,15 +335,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run a subset of the config's bench.methods (default: all)")
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true",
-                       help="continue the benchmark in --out: keep each finished run whose "
-                            "saved config and scoring options are this one's, run the rest")
+                       help="continue the benchmark of the same config in --out: keep each "
+                            "finished run whose saved config and scoring options are this "
+                            "one's, run the rest (the replaced runs are named)")
     again.add_argument("--overwrite", action="store_true",
                        help="replace the benchmark in --out: its own files (runs.jsonl, "
-                            "results.*, the plots, samples/RUN.npz, runs/RUN/) are deleted once "
-                            "the first new run has finished; nothing else there")
+                            "results.*, bench.json, the plots, samples/RUN.npz, grids/, runs/RUN/, "
+                            "first_stage/) are deleted once the first new run has finished, and "
+                            "listed; nothing else there")
     p.add_argument("overrides", nargs="*", metavar="KEY.PATH=VALUE",
                    help="config overrides, applied to the base config before the methods")
-    p.set_defaults(func=_cmd_bench_mixture)
+    p.set_defaults(func=_cmd_bench)
 
     p = _command(
         sub, "train-classifier", "train the MNIST-5k domain classifier that scores samples",

@@ -11,10 +11,8 @@ A config file has these top-level sections::
     logging: {tensorboard: true, csv: true}
     bench: {methods: {NAME: {...}}, T_list: [...], seeds: [...], ...}   # benchmark configs only
 
-A benchmark config (``configs/mixture/``) is an ordinary run config with a ``bench:`` block
-(:mod:`ldm_smd.bench.spec`): its methods are overrides of ``model.params``, and the loader checks
-the model of every method and the config its ``quick`` overrides make, so a misspelt key anywhere
-is refused before any work.
+Other modules add sections with :func:`register_section` (this one imports none of them): the
+``bench:`` block of a benchmark config is :mod:`ldm_smd.bench.spec`'s, checked by every loader.
 
 :func:`load_config` reads a file and applies overrides: ``a.b.c=value`` sets a key (a mapping
 value replaces the whole block), ``~a.b.c`` deletes one; :func:`validate_config`
@@ -31,7 +29,7 @@ import inspect
 import re
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,13 +47,27 @@ TOP_LEVEL_KEYS = {
     "checkpoint": "checkpointing: every_n_train_steps, save_top_k",
     "logging": "loggers (tensorboard, csv: bool) and sample grids (sample_every_n_steps, sample_n)",
     "nan_guard": "non-finite loss or gradient: action (stop | skip), max_skips",
-    "bench": "benchmark runs of this config: methods, T_list, seeds, ... (ldm-smd bench-mixture)",
 }
 #: lightning.Trainer arguments that train.py sets itself (from the run_dir and the other blocks)
 TRAINER_SET_BY_US = ("default_root_dir", "logger", "callbacks", "plugins")
 CHECKPOINT_KEYS = {"every_n_train_steps": int, "save_top_k": int}
 LOGGING_KEYS = {"tensorboard": bool, "csv": bool, "sample_every_n_steps": int, "sample_n": int}
 NAN_GUARD_KEYS = {"action": str, "max_skips": int}
+
+
+#: the sections other modules add to the language, by name: ``(summary, validate)``, where
+#: ``validate(config, source=...)`` checks the section against the whole ``config`` and raises
+#: :class:`ConfigError` naming the key; :func:`validate_config` calls it when the section is there
+SECTIONS: dict[str, tuple[str, Callable[..., None]]] = {}
+
+
+def register_section(name: str, *, summary: str, validate: Callable[..., None]) -> None:
+    """Add the top-level section ``name`` (see :data:`SECTIONS`). Its module calls this when
+    imported (``ldm_smd.bench.spec`` adds ``bench``; the package's ``__init__`` imports it), so
+    every loader knows it while this module imports none of them."""
+    if name in TOP_LEVEL_KEYS:
+        raise ValueError(f"register_section: {name!r} is a built-in section of the config")
+    SECTIONS[name] = (summary, validate)
 
 
 _EXPONENT_FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
@@ -180,7 +192,10 @@ def is_spec(value: Any) -> bool:
     return isinstance(value, Mapping) and "target" in value
 
 
-def _signature_params(obj: Any) -> tuple[dict[str, inspect.Parameter], dict[str, Any], bool]:
+def signature_params(obj: Any) -> tuple[dict[str, inspect.Parameter], dict[str, Any], bool]:
+    """``(parameters, type hints, takes **kwargs)`` of a class's constructor or a callable: the
+    keyword parameters a config block may give it (``self`` and ``*args`` left out; the keys of a
+    ``**options: Unpack[TypedDict]`` counted as parameters) and their annotations."""
     init = obj.__init__ if inspect.isclass(obj) else obj
     sig = inspect.signature(init)
     params = {
@@ -215,10 +230,11 @@ def _unpacked(annotation: Any) -> Any:
     return inner if typing.is_typeddict(inner) else None
 
 
-def _type_name(annotation: Any) -> str:
+def type_name(annotation: Any) -> str:
+    """An annotation as an error message shows it: ``int``, ``list[int]``, ``'a' | 'b'``."""
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
-        return " | ".join(_type_name(a) for a in typing.get_args(annotation))
+        return " | ".join(type_name(a) for a in typing.get_args(annotation))
     if origin is typing.Literal:
         return " | ".join(repr(v) for v in typing.get_args(annotation))
     if annotation is type(None):
@@ -323,7 +339,7 @@ def check_arguments(
     """Every entry of ``values`` is a keyword argument of ``target`` of the annotated type (an
     unknown one is an "unknown ``noun``" error, unless ``target`` takes ``**kwargs``); returns
     ``target``'s accepted keyword parameters."""
-    accepted, hints, takes_kwargs = _signature_params(target)
+    accepted, hints, takes_kwargs = signature_params(target)
     accepted = {n: p for n, p in accepted.items() if n not in excluded}
     valid = ", ".join(sorted(accepted)) or "(none)"
     for name, item in values.items():
@@ -334,25 +350,22 @@ def check_arguments(
         annotation = hints.get(name, inspect.Parameter.empty)
         if not check_type(item, annotation):
             raise ConfigError(
-                f"{key}.{name}: expected {_type_name(annotation)}, got {type(item).__name__} "
+                f"{key}.{name}: expected {type_name(annotation)}, got {type(item).__name__} "
                 f"{item!r}"
             )
     return accepted
 
 
-def _check_section(config: Mapping[str, Any], name: str, allowed: dict[str, type]) -> None:
-    section = config.get(name)
-    if section is None:
-        return
+def check_keys(section: Any, allowed: Mapping[str, Any], *, key: str) -> None:
+    """``section`` maps keys of ``allowed`` to values of their annotations; else a
+    :class:`ConfigError` naming ``key.entry`` (and the valid keys)."""
     if not isinstance(section, Mapping):
-        raise ConfigError(f"{name}: expected a mapping, got {section!r}")
-    for key, value in section.items():
-        if key not in allowed:
-            raise ConfigError(f"{name}.{key}: unknown key; valid: {', '.join(sorted(allowed))}")
-        if not check_type(value, allowed[key]):
-            raise ConfigError(
-                f"{name}.{key}: expected {allowed[key].__name__}, got {value!r}"
-            )
+        raise ConfigError(f"{key}: expected a mapping, got {section!r}")
+    for name, value in section.items():
+        if name not in allowed:
+            raise ConfigError(f"{key}.{name}: unknown key; valid: {', '.join(sorted(allowed))}")
+        if not check_type(value, allowed[name]):
+            raise ConfigError(f"{key}.{name}: expected {type_name(allowed[name])}, got {value!r}")
 
 
 def check_seeds(config: Any, key: str = "") -> None:
@@ -371,11 +384,12 @@ def check_seeds(config: Any, key: str = "") -> None:
 
 def validate_config(config: Mapping[str, Any], *, source: str = "config") -> None:
     """Validate a whole run config; raises :class:`ConfigError` naming the first bad key."""
-    unknown = set(config) - set(TOP_LEVEL_KEYS)
+    valid = {*TOP_LEVEL_KEYS, *SECTIONS}
+    unknown = set(config) - valid
     if unknown:
         raise ConfigError(
             f"{source}: unknown top-level key(s) {sorted(unknown)}; valid: "
-            + ", ".join(sorted(TOP_LEVEL_KEYS))
+            + ", ".join(sorted(valid))
         )
     if "model" not in config:
         raise ConfigError(f"{source}: missing the 'model' block")
@@ -401,16 +415,16 @@ def validate_config(config: Mapping[str, Any], *, source: str = "config") -> Non
             )
         check_arguments(trainer, Trainer, key="trainer", label="lightning.Trainer",
                         excluded=TRAINER_SET_BY_US)
-    _check_section(config, "checkpoint", CHECKPOINT_KEYS)
-    _check_section(config, "logging", LOGGING_KEYS)
-    _check_section(config, "nan_guard", NAN_GUARD_KEYS)
+    for name, allowed in (("checkpoint", CHECKPOINT_KEYS), ("logging", LOGGING_KEYS),
+                          ("nan_guard", NAN_GUARD_KEYS)):
+        if config.get(name) is not None:
+            check_keys(config[name], allowed, key=name)
     action = (config.get("nan_guard") or {}).get("action", "stop")
     if action not in ("stop", "skip"):
         raise ConfigError(f"nan_guard.action: {action!r} is not one of: stop, skip")
-    if config.get("bench") is not None:
-        from ldm_smd.bench.spec import validate_bench  # the benchmark's part of the language
-
-        validate_bench(config, source=source)
+    for name, (_, validate) in SECTIONS.items():
+        if config.get(name) is not None:
+            validate(config, source=source)
 
 
 def instantiate(spec: Mapping[str, Any], **extra: Any) -> Any:
@@ -424,7 +438,7 @@ def instantiate(spec: Mapping[str, Any], **extra: Any) -> Any:
         raise ConfigError(f"instantiate: expected a block with 'target', got {spec!r}")
     obj = import_target(spec["target"])
     params = dict(spec.get("params") or {})
-    _, hints, _ = _signature_params(obj)
+    _, hints, _ = signature_params(obj)
     for name, value in params.items():
         if is_spec(value) and not _wants_dict(hints.get(name)):
             params[name] = instantiate(value)

@@ -22,9 +22,11 @@ can meet:
   (:mod:`ldm_smd.data.mixture_data`);
 - ``(ORDER_STREAM = 4, purpose, epoch, index)``: the image data's order, worker and loader seeds
   (:mod:`ldm_smd.data.datamodule`);
-- ``(SAMPLE_STREAM = 11, T)``: the known-truth benchmark's sampling noise, shared by every method
-  and reference row of a seed and T (:mod:`ldm_smd.bench.runner`); ``(FRESH_STREAM = 12, 0)``:
-  the true sample behind its ``sw_floor`` (:mod:`ldm_smd.eval.mixture_metrics`).
+- ``(SAMPLE_STREAM = 11, T)``: a benchmark's sampling noise, shared by every method
+  and reference row of a seed and T (:mod:`ldm_smd.bench.runs`); ``(FRESH_STREAM = 12, 0)``:
+  the true sample behind its ``sw_floor`` (:mod:`ldm_smd.eval.mixture_metrics`);
+  ``(SCALE_STREAM = 13, 0)``: the posterior samples behind a benchmark's latent scale factor
+  (:mod:`ldm_smd.bench.first_stage`).
 """
 
 from __future__ import annotations

@@ -22,3 +22,19 @@ def mnist5k_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("mnist5k")
     prepare(root)
     return root
+
+
+#: the short schedule of the tests' domain classifier (the shipped default trains 15 epochs)
+SHORT_EPOCHS = 2
+
+
+@pytest.fixture(scope="session")
+def short_classifier(mnist5k_root, tmp_path_factory):
+    """A domain classifier trained briefly, once per test session, through the command line
+    (the image scorer's tests and the image benchmark's share it)."""
+    from ldm_smd.cli import main as cli
+
+    path = tmp_path_factory.mktemp("classifier") / "classifier.safetensors"
+    assert cli(["train-classifier", "--data", str(mnist5k_root), "--out", str(path),
+                "--epochs", str(SHORT_EPOCHS)]) == 0
+    return path

@@ -137,11 +137,11 @@ def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.Argument
 def test_every_option_has_help_and_every_command_an_example():
     parser = build_parser()
     commands = _subcommands(parser)
-    assert set(commands) == {"train", "sample", "scale-factor", "eval", "bench-mixture",
+    assert set(commands) == {"train", "sample", "scale-factor", "eval", "bench", "bench-mixture",
                              "train-classifier", "score-images"}
     assert "example:" in parser.epilog
     for name, sub in commands.items():
-        assert f"example:\n  ldm-smd {name} " in sub.epilog, name
+        assert f"example:\n  {sub.prog} " in sub.epilog, name  # an alias shows its command's
         for action in sub._actions:
             assert action.help and action.help.strip(), (name, action.dest)
         text = sub.format_help()

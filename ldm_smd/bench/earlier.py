@@ -1,12 +1,16 @@
 """What a benchmark folder already holds: the refusal, ``--resume`` and ``--overwrite``.
 
-A trained run ``runs/<method>_T<T>_seed<seed>/`` is finished when it holds ``scores.json`` (its
-record and the scoring options it was scored with: ``bench.num_samples``, ``num_projections``,
-``sample_batch``) beside ``samples.npz`` (its kept samples) and ``config.yaml``. ``--resume``
-keeps a finished run when its saved config is this benchmark's config of that run and its scoring
-options are this benchmark's; anything else is run again. ``--overwrite`` deletes only the
-benchmark's own entries: the files in :data:`FILES`, run folders named like a run that hold a
-``config.yaml``, and ``samples/<method>_T<T>_seed<seed>.npz``; nothing else in the folder.
+A benchmark writes ``bench.json`` (the config file it was run from, its layout) when it starts.
+A trained run ``runs/<name>/`` is finished when it holds ``scores.json`` (its records and the
+scoring options it was scored with: ``bench.num_samples``, ``sample_batch``, the scorer block,
+``score_steps``, and a base model's fast samplers) beside ``samples_<row>_T<T>.npz`` (its kept
+samples, one file per row it scored) and ``config.yaml``. ``--resume`` refuses a folder that
+another config file made (it names both: ``--overwrite`` replaces that benchmark), and keeps a
+finished run when its saved config is this benchmark's config of that run, its scoring options are
+this benchmark's and it holds every row asked of it; anything else is run again, and the runner
+says which runs it replaces. ``--overwrite`` deletes only the benchmark's own entries: the files in
+:data:`FILES`, run folders named like a run that hold a ``config.yaml``, the first stage's folder,
+``samples/<row>_T<T>_seed<seed>.npz`` and ``grids/<row>_T<T>.png``; nothing else in the folder.
 """
 
 from __future__ import annotations
@@ -14,41 +18,52 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import yaml
 
-from ldm_smd.bench.spec import bench_options, run_config
+from ldm_smd.bench.spec import bench_options, fast_samplers, run_config, scorer_spec
 from ldm_smd.config import to_plain
 from ldm_smd.errors import OutputError
-from ldm_smd.eval.mixture_report import METRIC_KEYS
+from ldm_smd.eval.bench_report import DESCRIPTION_FILE, Layout, summary_keys
 from ldm_smd.jsonio import write_json
 
 #: the benchmark's own files in its folder
-FILES = ("runs.jsonl", "results.md", "results.json", "scatter.png", "metrics_vs_T.png")
-SCORING_KEYS = ("num_samples", "num_projections", "sample_batch")
+FILES = ("runs.jsonl", "results.md", "results.json", "scatter.png", "metrics_vs_T.png",
+         DESCRIPTION_FILE)
 RUN_NAME = re.compile(r".+_T\d+_seed\d+")
+PICTURE_NAME = re.compile(r".+_T\d+")
+FIRST_STAGE = "first_stage"
 
 
 def run_name(method: str, T: int, seed: int) -> str:
     return f"{method}_T{T}_seed{seed}"
 
 
-def scoring(config: dict) -> dict[str, Any]:
-    """The options that decide how a run is sampled and scored."""
+def scoring(config: Mapping[str, Any], *, fast: bool = False) -> dict[str, Any]:
+    """The options that decide how a run is sampled and scored (a base model's: its fast
+    samplers too)."""
     bench = bench_options(config)
-    return {k: bench[k] for k in SCORING_KEYS}
+    out = {"num_samples": bench["num_samples"], "sample_batch": bench["sample_batch"],
+           "scorer": scorer_spec(config), "score_steps": sorted(bench["score_steps"])}
+    if fast:
+        out["fast_samplers"] = fast_samplers(config)
+    return out
 
 
-def save_finished(run_dir: Path, record: dict, config: dict) -> None:
-    """Mark a trained run finished: its kept samples, then its record and scoring options."""
-    np.savez_compressed(run_dir / "samples.npz", samples=record["samples"])
-    write_json(run_dir / "scores.json", {
-        "scoring": scoring(config),
-        "record": {k: v for k, v in record.items() if k != "samples"}})
+def kept_file(run_dir: Path, row: str, T: int) -> Path:
+    return run_dir / f"samples_{row}_T{T}.npz"
+
+
+def save_finished(run_dir: Path, records: Sequence[dict], kept: Sequence[dict],
+                  scoring_options: dict) -> None:
+    """Mark a trained run finished: each row's kept samples, then its records and scoring."""
+    for record, arrays in zip(records, kept, strict=True):
+        np.savez_compressed(kept_file(run_dir, record["method"], record["T"]), **arrays)
+    write_json(run_dir / "scores.json", {"scoring": scoring_options, "records": list(records)})
 
 
 def entries(out: Path) -> list[Path]:
@@ -58,59 +73,135 @@ def entries(out: Path) -> list[Path]:
     if runs.is_dir():
         found += sorted(p for p in runs.iterdir() if p.is_dir() and RUN_NAME.fullmatch(p.name)
                         and (p / "config.yaml").is_file())
-    samples = out / "samples"
-    if samples.is_dir():
-        found += sorted(p for p in samples.glob("*.npz") if RUN_NAME.fullmatch(p.stem))
+    if (out / FIRST_STAGE / "config.yaml").is_file():
+        found.append(out / FIRST_STAGE)
+    for folder, pattern, suffix in (("samples", RUN_NAME, ".npz"), ("grids", PICTURE_NAME, ".png")):
+        if (out / folder).is_dir():
+            found += sorted(p for p in (out / folder).glob(f"*{suffix}")
+                            if pattern.fullmatch(p.stem))
     return found
 
 
-def check_folder(out: Path, *, resume: bool, overwrite: bool) -> list[Path]:
-    """The earlier benchmark's entries in ``out``; refuses them unless ``resume`` or
-    ``overwrite`` (not both)."""
+def describe(found: Sequence[Path]) -> str:
+    """``N trained runs (M finished), K files`` of an earlier benchmark's entries."""
+    runs = [p for p in found if p.is_dir() and p.name != FIRST_STAGE]
+    finished = sum((p / "scores.json").is_file() for p in runs)
+    first = " and its first stage" if any(p.name == FIRST_STAGE for p in found) else ""
+    return (f"{len(runs)} trained runs ({finished} finished){first}, "
+            f"{sum(p.is_file() for p in found)} result files")
+
+
+def made_by(out: Path) -> str | None:
+    """The config file the benchmark in ``out`` was started from (``None``: not recorded)."""
+    try:
+        return json.loads((out / DESCRIPTION_FILE).read_text()).get("config_file")
+    except (OSError, ValueError):
+        return None
+
+
+def check_folder(out: Path, *, config_file: str, resume: bool, overwrite: bool) -> list[Path]:
+    """The earlier benchmark's entries in ``out``; refuses them unless ``resume`` (of the same
+    config file) or ``overwrite`` (not both)."""
     if resume and overwrite:
         raise ValueError("resume and overwrite exclude each other")
     found = entries(out)
     if found and not (resume or overwrite):
-        finished = sum((p / "scores.json").is_file() for p in found if p.is_dir())
         raise OutputError(
-            f"--out {out} already holds a benchmark ({finished} finished trained runs in "
-            f"{out / 'runs'}, {sum(p.is_file() for p in found)} result files): continue it "
-            "with --resume (finished runs of the same config are kept), start it over with "
-            "--overwrite, or give another --out")
+            f"--out {out} already holds a benchmark ({describe(found)}; in {out / 'runs'}): "
+            "continue it with --resume (finished runs of the same config are kept), start it "
+            "over with --overwrite, or give another --out")
+    earlier = made_by(out)
+    if found and resume and earlier is not None and earlier != config_file:
+        raise OutputError(
+            f"--resume: --out {out} holds the benchmark of {earlier} ({describe(found)}), not "
+            f"of {config_file}, and nothing in it was changed: give another --out, or replace "
+            "that benchmark with --overwrite")
     return found
 
 
-def kept_runs(out: Path, jobs: Iterable[tuple]) -> dict[tuple, dict]:
-    """The finished trained runs of ``jobs`` (``(config, method, T, seed, ...)``) that a resumed
-    benchmark keeps, by ``(method, T, seed)``, each with its kept samples."""
-    kept = {}
-    for config, method, T, seed, *_ in jobs:
-        run_dir = out / "runs" / run_name(method, T, seed)
-        try:
-            saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-            scores = json.loads((run_dir / "scores.json").read_text())
-        except (OSError, ValueError, yaml.YAMLError):
-            continue  # not finished, or not readable: run again
-        expected = {**run_config(config, method, T, seed), "run_dir": str(run_dir)}
-        if (saved != yaml.safe_load(yaml.safe_dump(to_plain(expected), sort_keys=False))
-                or scores.get("scoring") != scoring(config)):
-            continue
+def describe_start(out: Path, *, config_file: str, layout: Layout, rows: Sequence[str],
+                   T_list: Sequence[int], seeds: Sequence[int]) -> None:
+    """Write ``bench.json``: what made this folder, and the layout a table of its
+    ``runs.jsonl`` needs."""
+    write_json(out / DESCRIPTION_FILE, {"config_file": config_file, "layout": layout.to_json(),
+                                       "methods": list(rows), "T_list": list(T_list),
+                                       "seeds": list(seeds)})
+
+
+def expected_config(config: Mapping[str, Any], method: str, T: int, seed: int,
+                    run_dir: Path) -> dict[str, Any]:
+    """The config a run folder of ``(method, T, seed)`` saves, as YAML reads it back."""
+    run = {**run_config(config, method, T, seed), "run_dir": str(run_dir)}
+    return yaml.safe_load(yaml.safe_dump(to_plain(run), sort_keys=False))
+
+
+def read_finished(run_dir: Path, *, config: dict, scoring_options: dict,
+                  rows: Sequence[tuple[str, int]], layout: Layout, method: str, T: int,
+                  seed: int) -> tuple[list[dict] | None, str]:
+    """``(records with their kept samples, "")`` of the finished run in ``run_dir`` when this
+    benchmark keeps it (it holds every row of ``rows``), else ``(None, why not)``."""
+    if not (run_dir / "config.yaml").is_file():
+        return None, ""
+    try:
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+        scores = json.loads((run_dir / "scores.json").read_text())
+    except (OSError, ValueError, yaml.YAMLError):
+        return None, "unfinished"
+    if saved != expected_config(config, method, T, seed, run_dir):
+        return None, "its config differs"
+    if scores.get("scoring") != scoring_options:
+        return None, "its scoring options differ"
+    by_row = {(r["method"], r["T"]): r for r in scores.get("records") or []}
+    if any(row not in by_row for row in rows):
+        return None, "it lacks rows asked for now"
+    numeric = set(summary_keys(layout, list(by_row.values())))
+    records = []
+    for row, t in rows:
         try:  # the samples only of a run that is kept
-            samples = np.load(run_dir / "samples.npz")["samples"]
-        except (OSError, ValueError, KeyError):
+            with np.load(kept_file(run_dir, row, t)) as data:
+                kept = {k: data[k] for k in data.files}
+        except (OSError, ValueError):
+            return None, "its kept samples are missing"
+        record = {k: (float("nan") if v is None and k in numeric else v)
+                  for k, v in by_row[(row, t)].items()}
+        records.append({**record, "kept": kept})
+    return records, ""
+
+
+def kept_jobs(out: Path, jobs: Sequence[Any], config: dict, *, layout: Layout,
+              resume: bool) -> tuple[dict[Any, list[dict]], list[str]]:
+    """``(kept, replaced)``: the records of each trained job (a :class:`ldm_smd.bench.runs.Job`)
+    whose finished run a ``resume`` keeps, and the run folders in ``out`` that are there but not
+    kept (``name (why)`` where a resume says why), which their jobs replace."""
+    kept: dict[Any, list[dict]] = {}
+    replaced = []
+    for job in jobs:
+        if job.kind == "reference":
             continue
-        record = {k: (float("nan") if v is None and k in METRIC_KEYS else v)
-                  for k, v in scores["record"].items()}
-        kept[(method, T, seed)] = {**record, "samples": samples}
-    return kept
+        run_dir = out / "runs" / job.name
+        records, why = read_finished(
+            run_dir, config=config, scoring_options=scoring(config, fast=job.kind == "fast"),
+            rows=job.rows(config), layout=layout, method=job.method, T=job.T,
+            seed=job.seed) if resume else (None, "")
+        if records is not None:
+            kept[job] = records
+        elif run_dir.exists():
+            replaced.append(f"{job.name} ({why})" if why else job.name)
+    return kept, replaced
 
 
-def clear(found: Iterable[Path], *, keep: set[str]) -> None:
-    """Delete the earlier benchmark's ``found`` entries but the run folders named in ``keep``
-    (this benchmark's own jobs, which replace their folders themselves)."""
+def clear(out: Path, found: Iterable[Path], *, keep: set[str]) -> list[str]:
+    """Delete the earlier benchmark's ``found`` entries in ``out`` but the folders named in
+    ``keep`` (this benchmark's own runs and first stage, which replace their folders themselves);
+    returns what was deleted, relative to ``out``."""
+    deleted = []
     for path in found:
-        if path.is_dir():
-            if path.name not in keep:
-                shutil.rmtree(path)
+        folder = path.is_dir()
+        if folder and path.name in keep:
+            continue
+        if folder:
+            shutil.rmtree(path)
         else:
             path.unlink(missing_ok=True)
+        deleted.append(path.relative_to(out).as_posix() + ("/" if folder else ""))
+    return deleted

@@ -1,39 +1,41 @@
-"""The known-truth Gaussian-mixture benchmark (``ldm-smd bench-mixture``), SMD.md section 6.
+"""The benchmark runner (``ldm-smd bench``; ``ldm-smd bench-mixture`` is the same command).
 
 A benchmark config is an ordinary stage-2 config with a ``bench:`` block
-(:mod:`ldm_smd.bench.spec`). For every method, every number of steps ``T`` and every seed, the
-runner writes that run's stage-2 config to ``out_dir/runs/<method>_T<T>_seed<seed>/config.yaml``
-and trains it exactly as ``ldm-smd train`` would (:func:`ldm_smd.train.build_run`: the same
-LightningModule, objective, EMA, optimiser, learning-rate schedule, gradient clipping, NaN guard
-and checkpoints), then samples the trained model with its sampler (DDPM over all ``T`` steps in
-the shipped configs) and scores the samples exactly (:mod:`ldm_smd.eval.mixture_metrics`). Two
-reference rows per ``T`` and seed need no training: ``exact_posterior`` (a perfect SMD) and
-``best_gaussian`` (a perfect Gaussian denoiser).
+(:mod:`ldm_smd.bench.spec`); its scorer (:mod:`ldm_smd.bench.scorers`) is its kind of data: a
+Gaussian mixture with known density (exact metrics), or images judged by a domain classifier.
+For every method, every number of steps ``T`` and every seed, the runner writes that run's
+stage-2 config to ``out_dir/runs/<method>_T<T>_seed<seed>/config.yaml`` and trains it exactly as
+``ldm-smd train`` would (:func:`ldm_smd.train.build_run`: the same LightningModule, objective,
+EMA, optimiser, learning-rate schedule, gradient clipping, NaN guard and checkpoints), samples
+the trained model with its sampler (over all ``T`` steps in the shipped configs; images decoded
+through its first stage) and scores the samples (:mod:`ldm_smd.bench.runs`). The scorer's
+reference rows need no training (the exact posterior and the best Gaussian denoiser of a mixture;
+the held-out images, ``real_data``). With ``bench.fast_samplers`` one model per seed is trained at
+a large ``T`` and sampled with each fast sampler at ``steps = T`` for every ``T``: what a user
+would otherwise pick. With ``bench.first_stage`` an autoencoder is trained once
+(:mod:`ldm_smd.bench.first_stage`) and every run diffuses in its latent space.
 
 Seeds (:mod:`ldm_smd.rng`): run ``(method, T, seed)`` has ``seed`` as its config seed, which
 seeds the network's initialisation (the global RNG, so every method of a seed starts from the
 same backbone), the training draws and the data batches; its samples come from a generator
-seeded ``derive_seed(seed, SAMPLE_STREAM, T)``, shared with the reference rows of that seed and
-T, and it is scored against the mixture with projections seeded by ``seed`` (comparisons are
-paired).
-``workers`` changes results only by float rounding (thread counts change summation order).
+seeded ``derive_seed(seed, SAMPLE_STREAM, T)``, shared with every other row of that seed and T,
+and it is scored with ``seed`` (comparisons are paired). ``workers`` changes results only by
+float rounding (thread counts change summation order).
 
-Outputs in ``out_dir``: ``results.md`` (mean ± sample std over seeds), ``results.json`` (every
-run and the summary), ``runs.jsonl`` (each run as it finishes), ``scatter.png`` (samples of the
-first seed), ``metrics_vs_T.png``, ``samples/<method>_T<T>_seed<seed>.npz`` (first seed) and
-``runs/`` (each run's config, checkpoint and kept samples: ``ldm-smd sample`` reads them like any
-run's).
+Outputs in ``out_dir`` (:mod:`ldm_smd.bench.outputs`): ``results.md``, ``results.json``,
+``runs.jsonl`` (each run as it finishes), ``bench.json`` (what made the folder),
+``metrics_vs_T.png``, the scorer's pictures, ``samples/`` (first seed) and ``runs/`` (each run's
+config, checkpoint and kept samples: ``ldm-smd sample`` reads them like any run's).
 
-A folder that already holds a benchmark is refused unless ``resume`` (keep every finished
-trained run whose saved config and scoring options are this benchmark's, run the rest) or
-``overwrite`` (delete the benchmark's own files, once the first run of this one has finished) is
-given: :mod:`ldm_smd.bench.earlier`.
+A folder that already holds a benchmark is refused unless ``resume`` (of the same config file:
+keep every finished trained run whose saved config and scoring options are this benchmark's, run
+the rest) or ``overwrite`` (delete the benchmark's own files, once the first run of this one has
+finished) is given: :mod:`ldm_smd.bench.earlier`. Whatever is replaced is said.
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 import warnings
 from collections.abc import Sequence
@@ -42,24 +44,20 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-import lightning as L
-import numpy as np
 import torch
 
-from ldm_smd import rng
 from ldm_smd.bench import earlier
-from ldm_smd.bench.spec import bench_options, run_config, schedule_block
-from ldm_smd.callbacks import NonFiniteError
-from ldm_smd.config import ConfigError, instantiate, load_config, save_config
-from ldm_smd.eval import mixture_metrics as mm
-from ldm_smd.eval.mixture_report import LEGEND, aggregate, format_table
-from ldm_smd.jsonio import dumps, write_json
-from ldm_smd.train import build_run
+from ldm_smd.bench.first_stage import prepare_first_stage
+from ldm_smd.bench.outputs import write_outputs
+from ldm_smd.bench.runs import SAMPLE_STREAM, Job, run_job
+from ldm_smd.bench.scorers import build_scorer
+from ldm_smd.bench.spec import bench_options, checked_seeds, fast_samplers, scorer_spec
+from ldm_smd.config import ConfigError, load_config
+from ldm_smd.console import quiet_lightning
+from ldm_smd.jsonio import dumps
+from ldm_smd.locks import FolderLock
 
-REFERENCES = ("exact_posterior", "best_gaussian")
-#: first key of the sampling generator's seed (see :mod:`ldm_smd.rng`)
-SAMPLE_STREAM = 11
-KEPT_SAMPLES = 4000  # samples kept per run for the scatter plot and the .npz files
+__all__ = ["SAMPLE_STREAM", "load_bench_config", "run_benchmark", "run_mixture_benchmark"]
 
 
 def load_bench_config(
@@ -70,116 +68,37 @@ def load_bench_config(
     if "bench" not in config:
         raise ConfigError(f"{config_path}: a benchmark config needs a 'bench' block "
                           "(methods, T_list, seeds, ...)")
-    data = config.get("data") or {}
-    if "mixture" not in (data.get("params") or {}):
-        raise ConfigError(f"{config_path}: data.params.mixture: the benchmark scores samples "
-                          "against a known mixture (ldm_smd.data.mixture_data."
-                          "MixtureDataModule)")
     if quick:
         config = load_config(config_path, [*bench_options(config)["quick"], *overrides])
+    scorer_spec(config)  # a scorer, or data it has a default for
     return config
 
 
-class _Trace(L.Callback):
-    """The loss of every step, and the time from the end of the first step to the last's."""
-
-    def __init__(self) -> None:
-        self.losses: list[float] = []
-        self.first: float | None = None
-        self.last: float | None = None
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
-                           outputs: Any, batch: Any, batch_idx: int) -> None:
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        self.losses.append(float(loss.detach()))
-        self.last = time.perf_counter()
-        self.first = self.first or self.last
-
-    def ms_per_step(self) -> float:
-        n = len(self.losses)
-        if n < 2 or self.first is None or self.last is None:
-            return float("nan")
-        return 1000.0 * (self.last - self.first) / (n - 1)
-
-
-def _quiet_lightning() -> None:
+def _init_worker(threads: int) -> None:
     """Many short runs: Lightning's banners and the notes that hold for every run once."""
+    torch.set_num_threads(threads)
+    quiet_lightning()
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*defined a `validation_step` but have no")
-    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)")
 
 
-def _score(x: torch.Tensor, mixture, bench: dict, method: str, T: int, seed: int) -> dict:
-    metrics = mm.mixture_metrics(x, mixture, seed=seed,
-                                 num_projections=int(bench["num_projections"]))
-    return {"method": method, "T": T, "seed": seed, **metrics,
-            "samples": x[:KEPT_SAMPLES].to(torch.float32).numpy()}
+def plan(config: dict, methods: list[str], T_list: list[int], seeds: list[int],
+         references: list[str]) -> list[Job]:
+    """Every job, seed by seed (a stopped benchmark still has whole seeds in ``runs.jsonl``),
+    the costliest trained job first."""
+    fast = fast_samplers(config)
+    jobs: list[Job] = []
+    for s in seeds:
+        trained = [Job("train", m, T, s) for m in methods for T in T_list]
+        jobs += sorted(trained, key=lambda j: (-methods.index(j.method), -j.T))
+        if fast:
+            jobs.append(Job("fast", fast["method"], int(fast["base_T"]), s, tuple(T_list)))
+        jobs += [Job("reference", m, T, s) for m in references for T in T_list]
+    return jobs
 
 
-def train_and_sample(config: dict, method: str, T: int, seed: int, *, out_dir: Path) -> dict:
-    """Train run ``(method, T, seed)`` through the stage-2 path, sample and score it."""
-    bench = bench_options(config)
-    run = run_config(config, method, T, seed)
-    run_dir = out_dir / "runs" / earlier.run_name(method, T, seed)
-    run["run_dir"] = str(run_dir)
-    trace = _Trace()
-    model, data, trainer = build_run(run, run_dir, extra_callbacks=(trace,))  # writes nothing
-    shutil.rmtree(run_dir, ignore_errors=True)  # the benchmark's own earlier run of this job
-    save_config(run, run_dir / "config.yaml")
-    start = time.perf_counter()
-    diverged_at = None
-    try:
-        trainer.fit(model, datamodule=data)
-    except NonFiniteError:
-        diverged_at = int(trainer.global_step)
-    train_s = time.perf_counter() - start
-    start = time.perf_counter()
-    n, batch = int(bench["num_samples"]), int(bench["sample_batch"])
-    g = rng.generator(seed, SAMPLE_STREAM, T)
-    x = torch.cat([model.sample_latents(min(batch, n - first), generator=g)
-                   for first in range(0, n, batch)]).reshape(n, -1)
-    sample_s = time.perf_counter() - start
-    record = _score(x, data.mixture, bench, method, T, seed)
-    tail = trace.losses[-max(1, len(trace.losses) // 10):]
-    record.update(train_s=train_s, sample_s=sample_s, steps=len(trace.losses),
-                  ms_per_step=trace.ms_per_step(),
-                  final_loss=float(np.mean(tail)) if tail else float("nan"),
-                  diverged_at=diverged_at)
-    earlier.save_finished(run_dir, record, config)  # what --resume keeps
-    return record
-
-
-def reference_run(config: dict, method: str, T: int, seed: int) -> dict:
-    """Score the exact-posterior or best-Gaussian sampler at ``T`` (no training)."""
-    bench = bench_options(config)
-    mixture = instantiate(config["data"]["params"]["mixture"])
-    betas = instantiate(schedule_block(config["model"]["params"], T)).betas
-    g = rng.generator(seed, SAMPLE_STREAM, T)
-    n = int(bench["num_samples"])
-    start = time.perf_counter()
-    sampler = mm.exact_posterior_sample if method == "exact_posterior" else (
-        mm.best_gaussian_sample)
-    x = sampler(mixture, betas, n, generator=g)
-    record = _score(x, mixture, bench, method, T, seed)
-    record.update(train_s=0.0, sample_s=time.perf_counter() - start, steps=0,
-                  ms_per_step=float("nan"), final_loss=float("nan"), diverged_at=None)
-    return record
-
-
-def _job(args: tuple) -> dict:
-    config, method, T, seed, out_dir = args
-    if method in REFERENCES:
-        return reference_run(config, method, T, seed)
-    return train_and_sample(config, method, T, seed, out_dir=out_dir)
-
-
-def _init_worker(threads: int) -> None:
-    torch.set_num_threads(threads)
-    _quiet_lightning()
-
-
-def run_mixture_benchmark(
+def run_benchmark(
     config_path: str | Path,
     *,
     out_dir: str | Path,
@@ -200,12 +119,10 @@ def run_mixture_benchmark(
     ``quick`` overrides (a smoke run). ``workers`` training processes run at once with
     ``bench.threads_per_worker`` threads each (``workers = 1``: in this process); ``resume``
     and ``overwrite`` decide what happens to a benchmark already in ``out_dir`` (module
-    docstring). Returns ``{"summary", "runs", "table", "files", ...}``.
+    docstring). Every argument is checked before any work, and the folder is held by this
+    command (:class:`~ldm_smd.locks.FolderLock`) while it works. Returns ``{"summary", "runs",
+    "table", "files", ...}``.
     """
-    from tqdm.auto import tqdm
-
-    from ldm_smd.eval import plots
-
     config = load_bench_config(config_path, overrides, quick=quick)
     bench = bench_options(config)
     known = list(config["bench"]["methods"])
@@ -215,43 +132,79 @@ def run_mixture_benchmark(
         raise ConfigError(f"methods {unknown} are not in bench.methods of {config_path}; "
                           f"it has: {', '.join(known)}")
     T_list = [int(t) for t in (T_list or bench["T_list"])]
-    seeds = [int(s) for s in (seeds if seeds is not None else bench["seeds"])]
-    refs = list(REFERENCES) if bench["references"] else []
+    if any(t < 2 for t in T_list):
+        raise ConfigError(f"--T {T_list}: every T must be at least 2")
+    fast = fast_samplers(config)
+    if fast and max(T_list) > int(fast["base_T"]):
+        raise ConfigError(f"--T {T_list}: more steps than bench.fast_samplers.base_T = "
+                          f"{fast['base_T']}, the T of the model the fast samplers sample")
+    seeds = checked_seeds(seeds if seeds is not None else bench["seeds"],
+                          key="--seeds" if seeds is not None else "bench.seeds")
     out = Path(out_dir)
-    # seed by seed (a stopped run still has whole seeds in runs.jsonl), costliest job first
-    jobs = []
-    for s in seeds:
-        trained = sorted(((config, m, T, s, out) for m in methods for T in T_list),
-                         key=lambda j: (-methods.index(j[1]), -j[2]))
-        jobs += trained + [(config, m, T, s, out) for m in refs for T in T_list]
-    found = earlier.check_folder(out, resume=resume, overwrite=overwrite)
-    kept = earlier.kept_runs(out, [j for j in jobs if j[1] not in REFERENCES]) if resume else {}
-    jobs_left = [j for j in jobs if (j[1], j[2], j[3]) not in kept]
-    workers = int(workers if workers is not None else bench["workers"])
+    with FolderLock(out, what="--out"):  # one command at a time in a benchmark folder
+        return _run(config, config_path, out, methods=methods, T_list=T_list, seeds=seeds,
+                    workers=int(workers if workers is not None else bench["workers"]),
+                    progress=progress, resume=resume, overwrite=overwrite)
+
+
+def _run(config: dict, config_path: str | Path, out: Path, *, methods: list[str],
+         T_list: list[int], seeds: list[int], workers: int, progress: bool, resume: bool,
+         overwrite: bool) -> dict[str, Any]:
+    """:func:`run_benchmark` once its arguments are checked, holding the folder's lock."""
+    from tqdm.auto import tqdm
+
+    bench = bench_options(config)
+    known = list(config["bench"]["methods"])
+    fast = fast_samplers(config)
+    config_file = str(Path(config_path).resolve())
+    found = earlier.check_folder(out, config_file=config_file, resume=resume,
+                                 overwrite=overwrite)
+    made_by = earlier.made_by(out)
+    scorer = build_scorer(scorer_spec(config))  # a missing dataset or classifier: now
+    refs = list(scorer.references) if bench["references"] else []
+    clash = sorted(set(refs) & set(known) | set(refs) & set((fast or {}).get("samplers", {})))
+    if clash:
+        raise ConfigError(f"bench: rows {clash} are named like the scorer's reference rows")
+    rows = methods + list((fast or {}).get("samplers", {})) + refs
+    config = prepare_first_stage(config, out, reuse=resume)
+    jobs = plan(config, methods, T_list, seeds, refs)
+    kept, replaced = earlier.kept_jobs(out, jobs, config, layout=scorer.layout, resume=resume)
+    if replaced:
+        why = "" if resume else f" ({'--overwrite' if overwrite else 'unfinished'})"
+        print(f"[ldm-smd] bench: {len(replaced)} run folder(s) in {out / 'runs'} are replaced "
+              f"as their jobs run again{why}: {', '.join(replaced)}")
+    jobs_left = [j for j in jobs if j not in kept]
     threads = int(bench["threads_per_worker"])
     start = time.perf_counter()
-    runs: list[dict] = list(kept.values())
-    bar = tqdm(total=len(jobs), initial=len(kept), desc="bench-mixture", disable=not progress)
+    runs: list[dict] = [r for records in kept.values() for r in records]
+    n_kept = len(runs)
+    bar = tqdm(total=len(jobs), initial=len(kept), desc="bench", disable=not progress)
     log = out / "runs.jsonl"  # one line per finished run, written as they come in
 
     def line(record: dict) -> str:
-        return dumps({k: v for k, v in record.items() if k != "samples"}) + "\n"
+        return dumps({k: v for k, v in record.items() if k != "kept"}) + "\n"
 
     def start_log() -> None:
-        # after the first run of this benchmark (its checks passed): what it replaces goes
-        if overwrite:
-            earlier.clear(found, keep={earlier.run_name(m, T, s) for _, m, T, s, _ in jobs})
+        # after the first job of this benchmark (its checks passed): what it replaces goes
+        if overwrite and found:
+            deleted = earlier.clear(out, found, keep={j.name for j in jobs} | {
+                earlier.FIRST_STAGE})
+            print(f"[ldm-smd] bench --overwrite: replaced the earlier benchmark in {out}"
+                  f" (of {made_by or 'an unrecorded config'}): deleted "
+                  f"{', '.join(deleted) or 'nothing but its run folders, redone'}")
         out.mkdir(parents=True, exist_ok=True)
+        earlier.describe_start(out, config_file=config_file, layout=scorer.layout, rows=rows,
+                               T_list=T_list, seeds=seeds)
         log.write_text("".join(line(r) for r in runs))
 
-    def collect(record: dict) -> None:
-        first = len(runs) == len(kept)
-        runs.append(record)
+    def collect(records: list[dict]) -> None:
+        first = len(runs) == n_kept
+        runs.extend(records)
         if first:
             start_log()
         else:
             with log.open("a") as handle:
-                handle.write(line(record))
+                handle.writelines(line(r) for r in records)
         bar.update(1)
 
     if workers <= 1:
@@ -259,52 +212,27 @@ def run_mixture_benchmark(
         _init_worker(threads)
         try:
             for job in jobs_left:
-                collect(_job(job))
+                collect(run_job((config, job, out)))
         finally:
             torch.set_num_threads(saved)
     else:
         with ProcessPoolExecutor(workers, mp_context=get_context("spawn"),
                                  initializer=_init_worker, initargs=(threads,)) as pool:
-            for future in as_completed([pool.submit(_job, job) for job in jobs_left]):
+            futures = [pool.submit(run_job, (config, job, out)) for job in jobs_left]
+            for future in as_completed(futures):
                 collect(future.result())
     if not jobs_left:
         start_log()
     bar.close()
+    if resume and found:
+        print(f"[ldm-smd] bench --resume: {len(kept)} finished job(s) kept, "
+              f"{len(jobs_left)} run now; results.md, results.json, runs.jsonl and the "
+              f"pictures in {out} rewritten")
     wall = time.perf_counter() - start
-    order = {(m, T, s): i for i, (_, m, T, s, _) in enumerate(jobs)}
-    runs.sort(key=lambda r: order[(r["method"], r["T"], r["seed"])])
-    return _write_outputs(config, config_path, out, runs, methods + refs, T_list, seeds, wall,
-                          plots)
+    order = {(job.seed, row, t): i for i, job in enumerate(jobs) for row, t in job.rows(config)}
+    runs.sort(key=lambda r: order[(r["seed"], r["method"], r["T"])])
+    return write_outputs(config, config_path, out, runs, rows, T_list, seeds, wall, scorer)
 
 
-def _write_outputs(config, config_path, out: Path, runs, all_methods, T_list, seeds, wall,
-                   plots) -> dict[str, Any]:
-    bench = bench_options(config)
-    summary = aggregate(runs, all_methods, T_list)
-    table = format_table(summary, all_methods, T_list)
-    mixture = instantiate(config["data"]["params"]["mixture"])
-    samples = {(r["method"], r["T"]): r["samples"] for r in runs if r["seed"] == seeds[0]}
-    (out / "samples").mkdir(exist_ok=True)
-    for (m, T), x in samples.items():
-        np.savez_compressed(out / "samples" / f"{m}_T{T}_seed{seeds[0]}.npz", samples=x)
-    files = {
-        "table": str(out / "results.md"),
-        "json": str(out / "results.json"),
-        "scatter": plots.sample_scatter(samples, mixture, all_methods, T_list,
-                                        out / "scatter.png"),
-        "metrics_plot": plots.metrics_vs_steps(summary, all_methods, T_list,
-                                               out / "metrics_vs_T.png"),
-    }
-    steps = (config.get("trainer") or {}).get("max_steps")
-    header = (f"# bench-mixture: {config_path}\n\n{len(seeds)} seed(s) {seeds}; {steps} "
-              f"training steps; {bench['num_samples']} samples per run; the model's sampler "
-              f"over all T steps; mean ± sample std over seeds; SW floor in brackets; wall "
-              f"{wall:.0f} s\n\n{LEGEND}\n")
-    Path(files["table"]).write_text(header + table)
-    record = {
-        "config": config, "mixture": mixture.describe(), "methods": all_methods,
-        "T_list": T_list, "seeds": seeds, "wall_s": wall, "summary": summary,
-        "runs": [{k: v for k, v in r.items() if k != "samples"} for r in runs],
-    }
-    write_json(files["json"], record)
-    return {**record, "table": table, "files": files}
+#: the command's earlier name (``ldm-smd bench-mixture``), kept for scripts that call it
+run_mixture_benchmark = run_benchmark

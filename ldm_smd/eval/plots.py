@@ -1,5 +1,5 @@
-"""Matplotlib (Agg) figures for the benchmarks: sample scatters, metric-against-steps curves
-(one benchmark, or several side by side)."""
+"""Matplotlib (Agg) figures for the benchmarks: sample scatters, image grids, metric-against-steps
+panels (one benchmark, or several side by side)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 import matplotlib.ticker
@@ -23,10 +24,18 @@ METRIC_LABELS = {
     "kl": "KL(sampled modes || weights)",
     "spread": "spread (1 = right)",
     "logp_mean": "mean log-density",
-    "sw": "sliced Wasserstein (dotted: floor)",
+    "sw": "sliced Wasserstein (gray: a true sample's)",
+    "logp_median": "median log-density",
     "sw_removed": "share of vanilla's excess SW removed",
     "nonfinite": "non-finite share",
+    "fd": "Fréchet distance (classifier features)",
+    "fd_removed": "share of vanilla's excess FD removed",
+    "confident": "share labelled with confidence >= 0.9",
+    "class_kl": "KL(sampled classes || train)",
+    "nn_dist": "RMS distance to nearest train image",
 }
+#: rows that need no training (drawn dashed, hollow markers)
+REFERENCE_ROWS = ("exact_posterior", "best_gaussian", "real_data")
 
 
 def _projection(mixture: GaussianMixture) -> np.ndarray:
@@ -113,27 +122,37 @@ def metrics_vs_steps(
     steps: Sequence[int],
     path: str | os.PathLike,
     *,
-    metrics: Sequence[str] = ("precision", "recall", "kl", "spread", "logp_mean", "sw",
-                              "sw_removed", "nonfinite"),
+    metrics: Sequence[str] = ("sw", "sw_removed", "precision", "recall", "kl", "spread",
+                              "logp_mean", "nonfinite"),
 ) -> str:
-    """One panel per metric: mean ± std over seeds against the number of steps, per method.
+    """One panel per metric (in ``metrics`` order, those the summary has): mean ± std over seeds
+    against the number of steps, every row of ``methods`` (:func:`_panel`), one legend beside
+    the panels.
 
-    ``summary[method][str(T)][metric] = [mean, std]`` (as written by the mixture benchmark).
+    ``summary[method][str(T)][metric] = [mean, std]`` (as :func:`ldm_smd.eval.bench_report.
+    aggregate` writes it).
     """
     metrics = [m for m in metrics if any(
         m in summary.get(meth, {}).get(str(T), {}) for meth in methods for T in steps)]
     cols = min(4, max(1, len(metrics)))
-    rows = math.ceil(len(metrics) / cols)
+    rows = max(1, math.ceil(len(metrics) / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.9 * rows), squeeze=False)
     for k, metric in enumerate(metrics):
         ax = axes[k // cols][k % cols]
         _panel(ax, summary, methods, steps, metric)
+        if metric.endswith("_removed"):
+            ax.axhline(0.0, color="black", lw=0.8)
         ax.set_title(METRIC_LABELS.get(metric, metric), fontsize=9)
     for k in range(len(metrics), rows * cols):
         axes[k // cols][k % cols].axis("off")
-    if metrics:
-        axes[0][0].legend(fontsize=7)
-    return _save(fig, path)
+    legend: dict[str, Any] = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            legend.setdefault(label, handle)
+    if legend:
+        fig.legend(list(legend.values()), list(legend), fontsize=8, loc="center left",
+                   bbox_to_anchor=(1.0, 0.5))
+    return _save(fig, path, tight=True)
 
 
 def families_vs_steps(
@@ -164,31 +183,72 @@ def families_vs_steps(
 
 
 def _panel(ax, summary, methods: Sequence[str], steps: Sequence[int], metric: str) -> None:
-    """Mean ± std over seeds of ``metric`` against the number of steps, one curve per method."""
+    """Mean ± std over seeds of ``metric`` against the number of steps, one series per method.
+
+    The steps stand evenly spaced (a category each, labelled with T), and within a step each
+    method has its own small offset, so rows with equal values (a reference row, or every row
+    when there is one T) stand side by side instead of hiding each other; a series joins its
+    points across steps. Reference rows (no training) are dashed with hollow markers. A metric
+    with a ``<metric>_floor`` companion draws it dotted."""
+    steps = list(steps)
+    drawn = [m for m in methods if any(metric in summary.get(m, {}).get(str(T), {})
+                                       for T in steps)]
+    width = 0.7 / max(1, len(drawn))
     for n, method in enumerate(methods):
-        ts = [T for T in steps if metric in summary.get(method, {}).get(str(T), {})]
-        if not ts:
+        if method not in drawn:
             continue
+        ts = [T for T in steps if metric in summary.get(method, {}).get(str(T), {})]
+        offset = (drawn.index(method) - (len(drawn) - 1) / 2) * width
+        xs = np.array([steps.index(T) for T in ts], dtype=float) + offset
         mean = np.array([summary[method][str(T)][metric][0] for T in ts], dtype=float)
         std = np.array([summary[method][str(T)][metric][1] for T in ts], dtype=float)
-        ls = "--" if method in ("exact_posterior", "best_gaussian") else "-"
-        ax.errorbar(ts, mean, yerr=std, label=method, ls=ls, marker="o", ms=3, capsize=2,
-                    color=f"C{n}")
-        if metric == "sw":
-            floor = [summary[method][str(T)].get("sw_floor", [np.nan])[0] for T in ts]
-            ax.plot(ts, floor, ls=":", color="gray", lw=1)
-    ax.set_xscale("log")
-    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-    ax.set_xticks(list(steps))
+        reference = method in REFERENCE_ROWS
+        ax.errorbar(xs, mean, yerr=std, label=method, ls="--" if reference else "-",
+                    marker="o", ms=4, capsize=2, color=f"C{n % 10}",
+                    mfc="white" if reference else f"C{n % 10}")
+        floors = [summary[method][str(T)].get(f"{metric}_floor", [np.nan])[0] for T in ts]
+        if np.isfinite(floors).any():
+            ax.plot(xs, floors, ls=":", marker="_", ms=8, lw=1, color="gray")
+    ax.set_xticks(range(len(steps)))
     ax.set_xticklabels([str(s) for s in steps])
+    ax.set_xlim(-0.5, len(steps) - 0.5)
     ax.set_xlabel("steps T")
-    ax.grid(alpha=0.3)
+    ax.grid(alpha=0.3, axis="y")
 
 
-def _save(fig, path: str | os.PathLike) -> str:
+def image_grid(images: np.ndarray, path: str | os.PathLike, *, nrow: int = 10,
+               min_width: int = 400, padding: int = 2) -> str:
+    """Tile uint8 images ``(N, H, W, C)`` (or ``(N, H, W)``) ``nrow`` to a row on a white
+    background and upscale the picture by a whole factor (nearest neighbour, so pixels stay
+    sharp) until it is at least ``min_width`` pixels wide; written as a PNG."""
+    from PIL import Image
+
+    arr = np.asarray(images, dtype=np.uint8)
+    if arr.ndim == 3:
+        arr = arr[..., None]
+    n, h, w, c = arr.shape
+    cols = max(1, min(nrow, n))
+    rows = max(1, math.ceil(n / cols))
+    grid = np.full((rows * (h + padding) + padding, cols * (w + padding) + padding, c), 255,
+                   np.uint8)
+    for i in range(n):
+        r, col = divmod(i, cols)
+        y, x = padding + r * (h + padding), padding + col * (w + padding)
+        grid[y:y + h, x:x + w] = arr[i]
+    picture = Image.fromarray(grid[..., 0] if c == 1 else grid)
+    scale = max(1, math.ceil(min_width / picture.width))
+    picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    picture.save(path, format="PNG")
+    return str(path)
+
+
+def _save(fig, path: str | os.PathLike, *, tight: bool = False) -> str:
+    """Write ``fig`` as a PNG; ``tight``: crop to what is drawn (keeps a legend placed beside
+    the panels)."""
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight" if tight else None)
     plt.close(fig)
     return str(path)
 

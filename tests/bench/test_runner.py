@@ -1,5 +1,6 @@
-"""The mixture benchmark end to end on the shipped ring8 config, shrunk by overrides: every run is
-an ordinary stage-2 run (its config loads as one, its checkpoint reloads and samples the same)."""
+"""The benchmark end to end on the shipped ring8 config, shrunk by overrides: every run is an
+ordinary stage-2 run (its config loads as one, its checkpoint reloads and samples the same); a
+second command on the same folder loses nothing; fast samplers and scores during training."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ from ldm_smd import rng
 from ldm_smd.bench.runner import SAMPLE_STREAM, run_mixture_benchmark
 from ldm_smd.config import ConfigError, instantiate, load_config
 from ldm_smd.errors import OutputError
+from ldm_smd.eval.bench_report import tabulate_results
 from ldm_smd.eval.mixture_metrics import mixture_metrics
-from ldm_smd.eval.mixture_report import tabulate_results
 from ldm_smd.sample import load_diffusion_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -172,3 +173,111 @@ def test_overwrite_removes_the_benchmarks_own_files_only_and_only_once_a_run_fin
                                                      "best_gaussian")]])
     assert [p.read_text() for p in mine if p.exists()] == ["mine"] * 3
     assert not mine[1].exists()  # inside a run folder the benchmark redid: that run's own
+
+
+FAST = ("bench.fast_samplers={base_T: 50, samplers: {ddim: {kind: ddim, spacing: trailing}, "
+        "dpmpp: {kind: dpmpp, spacing: trailing}}}")
+
+
+def test_fast_samplers_and_scores_during_training(quick_run, tmp_path):
+    """One base model per seed, sampled by each fast sampler at steps = T; a run scored during
+    training ends with the very numbers of a run that was not (scoring draws its own noise)."""
+    out = tmp_path / "bench"
+    kw = dict(out_dir=out, overrides=[*TINY, FAST, "bench.score_steps=[10, 15]"], quick=True,
+              T_list=[2, 3], seeds=[0], methods=["vanilla"], progress=False)
+    result = run_mixture_benchmark(RING8, **kw)
+    runs = {(r["method"], r["T"]): r for r in result["runs"]}
+    assert set(runs) == {(m, T) for m in ("vanilla", "ddim", "dpmpp", "exact_posterior",
+                                          "best_gaussian") for T in (2, 3)}
+    plain = next(r for r in quick_run[1]["runs"] if (r["method"], r["seed"]) == ("vanilla", 0))
+    scored = runs[("vanilla", 2)]
+    assert sorted(scored["by_step"]) == ["10", "15"]
+    assert scored["by_step"]["10"]["sw"] != scored["sw"]
+    for key in ("sw", "precision", "logp_mean", "final_loss"):
+        assert scored[key] == plain[key]
+    base = out / "runs" / "fast_vanilla_T50_seed0"
+    config = load_config(base / "config.yaml")
+    assert config["model"]["params"]["schedule"]["params"]["num_timesteps"] == 50
+    fast = [runs[(m, T)] for m in ("ddim", "dpmpp") for T in (2, 3)]
+    assert all(r["base_T"] == 50 and r["steps"] == 20 for r in fast)
+    # two steps of DPM-Solver++(2M) are DDIM's (its first step is first order, its last returns
+    # x0); with three they part
+    assert runs[("dpmpp", 2)]["sw"] == pytest.approx(runs[("ddim", 2)]["sw"], rel=1e-6)
+    assert abs(runs[("dpmpp", 3)]["sw"] - runs[("ddim", 3)]["sw"]) > 1e-3
+    # the table has the rows, and the leading metric at the training steps
+    table = (out / "results.md").read_text()
+    assert "| 3 | dpmpp |" in table and "trained at T = 50" in table
+    assert "## sw at training steps" in table and "| 2 | vanilla |" in table.split("## sw")[1]
+    # the base model samples again as the benchmark did (its kept samples are what it scored)
+    model = load_diffusion_checkpoint(base / "checkpoints" / "last.ckpt")
+    x = model.sample_latents(512, generator=rng.generator(0, SAMPLE_STREAM, 3), sampler="ddim",
+                             steps=3, spacing="trailing")
+    kept = np.load(base / "samples_ddim_T3.npz")["samples"]
+    assert np.allclose(x.numpy(), kept, atol=1e-6)
+    # a resume keeps the base model and every run (nothing trained again)
+    stamp = (base / "checkpoints" / "last.ckpt").stat().st_mtime_ns
+    again = run_mixture_benchmark(RING8, **kw, resume=True)
+    assert (base / "checkpoints" / "last.ckpt").stat().st_mtime_ns == stamp
+    assert again["table"] == result["table"]
+
+
+def test_resume_refuses_the_folder_of_another_config(tmp_path, capsys):
+    """The issue's case: a --resume of grid25 on ring8's folder replaced all of it silently."""
+    out = tmp_path / "bench"
+    kw = dict(out_dir=out, overrides=TINY, quick=True, T_list=[2], seeds=[0],
+              methods=["vanilla"], progress=False)
+    run_mixture_benchmark(RING8, **kw)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    grid25 = RING8.parent / "grid25.yaml"
+    other = dict(kw, overrides=["model.params.network.params.hidden=16"])
+    with pytest.raises(OutputError, match=r"holds the benchmark of .*ring8\.yaml .*not of "
+                                          r".*grid25\.yaml.*--overwrite"):
+        run_mixture_benchmark(grid25, **other, resume=True)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
+    capsys.readouterr()
+    run_mixture_benchmark(grid25, **other, overwrite=True)
+    said = capsys.readouterr().out
+    assert "replaced the earlier benchmark" in said and "ring8.yaml" in said
+    assert "runs.jsonl" in said and "samples/exact_posterior_T2_seed0.npz" in said
+    assert json.loads((out / "bench.json").read_text())["config_file"].endswith("grid25.yaml")
+
+
+def test_a_resume_names_the_runs_it_replaces(tmp_path, capsys):
+    out = tmp_path / "bench"
+    kw = dict(out_dir=out, overrides=TINY, quick=True, T_list=[2], seeds=[0],
+              methods=["vanilla"], progress=False)
+    run_mixture_benchmark(RING8, **kw)
+    capsys.readouterr()
+    run_mixture_benchmark(RING8, **{**kw, "overrides": [*TINY, "trainer.max_steps=7"]},
+                          resume=True)
+    said = capsys.readouterr().out
+    assert "vanilla_T2_seed0 (its config differs)" in said
+    assert "0 finished job(s) kept, 3 run now" in said
+
+
+@pytest.mark.parametrize("seeds", [[-1], [2**32], [0, 0]])
+def test_seeds_are_checked_before_any_work(tmp_path, seeds, capsys):
+    from ldm_smd.cli import main
+
+    out = tmp_path / "never"
+    with pytest.raises(ConfigError, match=r"--seeds: .*(not a seed|twice)"):
+        run_mixture_benchmark(RING8, out_dir=out, quick=True, seeds=seeds)
+    code = main(["bench-mixture", "--config", str(RING8), "--out", str(out), "--quick",
+                 "--seeds", *map(str, seeds)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--seeds" in err[0]
+    with pytest.raises(ConfigError, match=r"bench\.seeds: .*not a seed"):
+        load_config(RING8, [f"bench.seeds=[{seeds[0] if seeds[0] != 0 else -5}]"])
+    assert not out.exists()
+
+
+def test_a_second_command_into_a_held_folder_is_refused(tmp_path):
+    from ldm_smd.locks import FolderLock, FolderLockedError
+
+    out = tmp_path / "bench"
+    with FolderLock(out, what="--out", command="ldm-smd bench --config other.yaml"):
+        with pytest.raises(FolderLockedError, match=r"other\.yaml"):
+            run_mixture_benchmark(RING8, out_dir=out, overrides=TINY, quick=True,
+                                  methods=["vanilla"], progress=False)
+        assert sorted(p.name for p in out.iterdir()) == [".ldm-smd.lock"]
+    assert not out.exists()  # the lock made it and nothing was written
