@@ -3,7 +3,7 @@
     python scripts/benchmark.py --out bench/benchmark.json            # full run (make bench)
     python scripts/benchmark.py --quick                                # small, fast run
     python scripts/benchmark.py --widths 64 128 --reps 5 --batch 16
-    python scripts/benchmark.py --widths 64 --kernels all none all,-head_fold   # kernel sets
+    python scripts/benchmark.py --widths 64 --kernels all none   # kernel sets
 
 Cases per width ``w`` (32x32x3 inputs, CIFAR-like DDPM backbone: channel_mult 1,2,2,2,
 num_res_blocks 2, attention at 16x16, one head; the same backbone in every case):
@@ -14,6 +14,9 @@ num_res_blocks 2, attention at 16x16, one head; the same backbone in every case)
 - ``smd_energy_M4`` / ``smd_energy_M8``: the default SMD, ``smd_energy`` with 4 / 8 eta draws
   and placement ``output`` (one hypernetwork before the output convolution): the draws share one
   backbone pass, only ``g``, the hypernetwork and the output convolution run once per draw;
+- ``smd_image_M2`` / ``smd_image_M4``: SMD with a per-picture latent (``image_latent_dim`` 32,
+  placement ``none``), ``smd_energy`` with 2 / 4 draws: the draws share the encoder half's pass,
+  the middle block and the decoder run once per draw;
 - ``smd_mixture_M4``: ``smd_mixture`` with 4 eta samples at the reference placement (the network
   sees 4x the rows); its train time is also reported per eta sample;
 - ``smd_reference_dxd``: the reference implementation's cost model, a hypernetwork that builds

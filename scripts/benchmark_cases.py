@@ -22,11 +22,13 @@ from ldm_smd.nn.unet import UNetModel
 from ldm_smd.rng import repeat_rows
 
 CASE_NAMES = ("vanilla", "smd_paper", "smd_paper_unbounded", "smd_energy_M4", "smd_energy_M8",
-              "smd_mixture_M4", "smd_reference_dxd", "diffusers_unet2d")
+              "smd_image_M2", "smd_image_M4", "smd_mixture_M4", "smd_reference_dxd",
+              "diffusers_unet2d")
 CHANNEL_MULT = (1, 2, 2, 2)
 NUM_RES_BLOCKS = 2
 ATTENTION_RESOLUTIONS = (2,)  # downsampling factor 2: 16x16 for 32x32 inputs
 LATENT_DIM = 100
+IMAGE_LATENT_DIM = 32   # the image configs' per-picture latent
 HYPERNET_LAYERS = 2
 MIXTURE_M = 4
 
@@ -138,6 +140,9 @@ def build_network(name: str, width: int, image_size: int = 32) -> nn.Module:
                      attention_resolutions=ATTENTION_RESOLUTIONS, norm_groups=32)
     if name == "vanilla":
         return unet
+    if name.startswith("smd_image"):
+        return SMDNetwork(backbone=unet, latent_dim=LATENT_DIM, placement="none",
+                          image_latent_dim=IMAGE_LATENT_DIM)
     bound = "none" if name in ("smd_paper_unbounded", "smd_reference_dxd") else "tanh"
     placement = "output" if name.startswith("smd_energy") else "input_output"
     net = SMDNetwork(backbone=unet, latent_dim=LATENT_DIM, hypernet_layers=HYPERNET_LAYERS,
@@ -149,7 +154,7 @@ def objective_for(name: str):
     """(objective, eta samples per example) of case ``name``."""
     if name == "smd_mixture_M4":
         return build_objective("smd_mixture", num_eta_samples=MIXTURE_M), MIXTURE_M
-    if name.startswith("smd_energy_M"):
+    if name.startswith(("smd_energy_M", "smd_image_M")):
         m = int(name.rsplit("M", 1)[1])
         return build_objective("smd_energy", num_eta_samples=m), m
     if name in ("vanilla", "diffusers_unet2d"):

@@ -5,9 +5,8 @@ At a site with features ``h`` (``C`` channels per position) and latent ``z`` (``
     r = A h + a;   r <- M_L ... M_1 r;   h <- h + B r + b,
     M_l r = v_l (v_l . r) + softplus(s_l) r,   v_l = W_l z + w_l  (or tanh(W_l z + w_l) / sqrt(d))
 
-without ever building a ``d x d`` matrix. :class:`Hypernetwork` is written as these lines; the
-``rank_one_chain`` and ``scaled_tanh`` kernels of :mod:`ldm_smd.nn.kernels` compute the same
-faster. See :mod:`ldm_smd.nn.smd` for the bound, the initialisation and where the sites are.
+without ever building a ``d x d`` matrix. :class:`Hypernetwork` is written as these lines. See
+:mod:`ldm_smd.nn.smd` for the bound, the initialisation and where the sites are.
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm_smd.nn import kernels
 from ldm_smd.nn.layers import channel_linear
 from ldm_smd.rng import repeat_rows
 
@@ -75,24 +73,13 @@ class Hypernetwork(nn.Module):
                 self.B.zero_()
                 self.b.zero_()
 
-    def vectors(self, z: torch.Tensor, *, weight: torch.Tensor | None = None,
-                bias: torch.Tensor | None = None) -> torch.Tensor:
+    def vectors(self, z: torch.Tensor) -> torch.Tensor:
         """All ``v_l`` stacked along dim 1, (B, L d[, ...]): ``W z + w`` per position, or
-        ``tanh(W z + w) / sqrt(d)`` with the tanh bound, for ``z`` (B, d[, ...]).
-
-        ``weight`` (L d, F) and ``bias`` ((L d,) or per row (B, L d)) replace ``W`` and ``w``
-        where the affine map is given another way (the ``head_fold`` kernel passes the
-        generator's head folded in, with ``z`` its features).
-        """
-        weight = self.W if weight is None else weight
-        bias = self.w if bias is None else bias
+        ``tanh(W z + w) / sqrt(d)`` with the tanh bound, for ``z`` (B, d[, ...])."""
+        affine = channel_linear(z, self.W, self.w)
         if self.bound == "none":
-            return channel_linear(z, weight, bias)
-        scale = 1.0 / math.sqrt(self.latent_dim)
-        if kernels.enabled("scaled_tanh"):
-            return kernels.scaled_tanh_of_doubled(channel_linear(z, 2.0 * weight, 2.0 * bias),
-                                                  scale)
-        return torch.tanh(channel_linear(z, weight, bias)) * scale
+            return affine
+        return torch.tanh(affine) / math.sqrt(self.latent_dim)
 
     def modulate(self, h: torch.Tensor, v_all: torch.Tensor) -> torch.Tensor:
         """``h + B M_L .. M_1 (A h + a) + b`` for ``h`` (B, C[, ...]) given the vectors ``v_all``
@@ -106,11 +93,8 @@ class Hypernetwork(nn.Module):
         if repeats > 1:
             h, r = repeat_rows(h, repeats), repeat_rows(r, repeats)
         scales = F.softplus(self.s)
-        if kernels.enabled("rank_one_chain"):
-            r = kernels.rank_one_chain(r, v_all, scales)
-        else:
-            for layer, v in enumerate(v_all.split(self.latent_dim, dim=1)):
-                r = scales[layer] * r + v * (v * r).sum(dim=1, keepdim=True)
+        for layer, v in enumerate(v_all.split(self.latent_dim, dim=1)):
+            r = scales[layer] * r + v * (v * r).sum(dim=1, keepdim=True)
         return h + channel_linear(r, self.B, self.b)
 
     def forward(self, h: torch.Tensor, z: torch.Tensor) -> torch.Tensor:

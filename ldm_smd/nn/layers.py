@@ -3,8 +3,7 @@
 Parameter names follow CompVis' ``openaimodel`` (``in_layers``, ``emb_layers``, ``out_layers``,
 ``skip_connection``, ``op``, ``conv``) so that checkpoints of that layout map onto ours key by
 key. Every forward runs the layers its module declares, in plain PyTorch; the measured CPU
-speed-ups (1x1 convolutions as batched matmuls, in-place additions) are switched in
-:mod:`ldm_smd.nn.kernels`.
+speed-up (1x1 convolutions as batched matmuls) is switched in :mod:`ldm_smd.nn.kernels`.
 """
 
 from __future__ import annotations
@@ -243,13 +242,5 @@ class ResBlock(TimestepBlock):
             h = self.out_layers[0](h) * (1 + scale) + shift
             h = self.out_layers[1:](h)
         else:
-            h = self.out_layers(self._add(h, emb_out, self.in_layers[-1]))
-        return self._add(h, self.skip_connection(x), self.out_layers[-1])
-
-    @staticmethod
-    def _add(h: torch.Tensor, other: torch.Tensor, made_by: nn.Module) -> torch.Tensor:
-        """``h + other``; in place (the ``inplace_add`` kernel) where ``h`` is the fresh output
-        of a convolution, which autograd does not keep."""
-        if kernels.enabled("inplace_add") and type(made_by) is nn.Conv2d:
-            return kernels.add_into(h, other)
-        return h + other
+            h = self.out_layers(h + emb_out)
+        return h + self.skip_connection(x)

@@ -46,7 +46,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm_smd.nn import kernels
 from ldm_smd.nn.hypernet import HYPERNET_BOUNDS, HYPERNET_INITS, Hypernetwork
 from ldm_smd.nn.image_latent import ImageLatentGenerator
 from ldm_smd.nn.layers import (
@@ -315,12 +314,7 @@ image-level latent) runs once for all ``M``. The class
     def site_vectors(self, eta: torch.Tensor, x_t: torch.Tensor,
                      t: torch.Tensor) -> dict[str, torch.Tensor]:
         """Each site's vectors ``v_l`` (:meth:`Hypernetwork.vectors`) of ``z = g(eta, x_t, t)``,
-        ``z`` average-pooled to the site's resolution (``head_fold``: computed without ``z``)."""
-        head = self.generator.linear_head
-        if kernels.enabled("head_fold") and all(
-                kernels.head_fold_pays(head, hn.W.shape[0]) for hn in self.hypernets.values()):
-            h, shift = self.generator.features(eta, x_t, t)
-            return kernels.head_fold_vectors(self.hypernets, self.site_strides, h, head, shift)
+        ``z`` average-pooled to the site's resolution."""
         z = self.generator(eta, x_t, t)
         out = {}
         for site, hypernet in self.hypernets.items():
