@@ -18,7 +18,7 @@ from ldm_smd.config import load_config
 from ldm_smd.eval.image_scores import ImageScorer
 
 ROOT = Path(__file__).resolve().parents[2]
-ROWS = {"vanilla", "smd_paper", "smd_energy", "ddim", "dpmpp", "real_data"}
+ROWS = {"vanilla", "smd_paper", "smd_energy", "smd_image", "ddim", "dpmpp", "real_data"}
 
 
 def _overrides(root: Path, classifier: Path) -> list[str]:
@@ -61,5 +61,5 @@ def test_quick_image_benchmark(name, tmp_path, mnist5k_root, short_classifier, c
         capsys.readouterr()
         assert cli([*args, "--resume"]) == 0  # everything kept, the first stage too
         said = capsys.readouterr().out
-        assert "first stage kept" in said and "4 finished job(s) kept, 1 run now" in said
+        assert "first stage kept" in said and "5 finished job(s) kept, 1 run now" in said
         assert first.stat().st_mtime_ns == stamp
