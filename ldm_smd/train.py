@@ -120,7 +120,7 @@ class _RunStart(L.Callback):
         self.config = config
         self.path = path
         self.resumed_from = resumed_from
-        self.start_step = 0
+        self.start_step: int | None = None  # None: training never started (already at max_steps)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.start_step = int(trainer.global_step)
@@ -409,6 +409,15 @@ def _train(config: dict[str, Any], run_dir: Path, *, ckpt_path: Path | None, sta
     if not trainer.strategy.broadcast(last.exists()):
         trainer.save_checkpoint(str(last), weights_only=False)
     seconds = time.perf_counter() - start
+    if run_start.start_step is None:  # a resumed run already at trainer.max_steps
+        if first:
+            _remove_new_logs(run_dir, before)
+        if trainer.is_global_zero:
+            print(f"[ldm-smd] nothing trained: the run is already at step {trainer.global_step}, "
+                  f"trainer.max_steps={trainer.max_steps}; to train on, raise it: "
+                  f"`{resume_command(run_dir)} trainer.max_steps=N`")
+        _end_process_group()
+        return {"run_dir": run_dir, "checkpoint": last, "seconds": seconds, "trainer": trainer}
     if trainer.is_global_zero:
         steps = trainer.global_step - run_start.start_step
         session = (f" (step {run_start.start_step} -> {trainer.global_step})"
@@ -421,6 +430,19 @@ def _train(config: dict[str, Any], run_dir: Path, *, ckpt_path: Path | None, sta
         raise Interrupted(f"stopped by Ctrl-C after step {stop.stopped_at}, its checkpoint {last} "
                           f"written; continue with `{resume_command(run_dir)}`")
     return {"run_dir": run_dir, "checkpoint": last, "seconds": seconds, "trainer": trainer}
+
+
+def _remove_new_logs(run_dir: Path, before: set[Path]) -> None:
+    """Remove what this session made under ``logs/`` (a resume's ``logs/resume-K``: hparams,
+    no rows) when it trained nothing."""
+    logs = run_dir / "logs"
+    new = [p for p in set(run_dir.rglob("*")) - before if logs == p or logs in p.parents]
+    for path in sorted(new, key=lambda p: len(p.parts), reverse=True):
+        if path.is_dir():
+            if not any(path.iterdir()):
+                path.rmdir()
+        else:
+            path.unlink()
 
 
 def _end_process_group() -> None:

@@ -115,6 +115,18 @@ def test_stop_at_max_steps_then_resume_is_exact(reference, tmp_path):
     assert f"max_steps: {STEPS}" in (run / "config.yaml").read_text()
 
 
+def test_resume_of_a_finished_run_trains_nothing_and_says_so(reference, tmp_path, capsys):
+    run = resume_copy(reference / "checkpoints" / "last.ckpt", reference, tmp_path / "done")
+    files = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    train(resume=run, overrides=[f"run_dir={run}"])  # already at trainer.max_steps
+    said = capsys.readouterr().out
+    assert f"nothing trained: the run is already at step {STEPS}" in said
+    assert "trained" not in said.replace("nothing trained", "")
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == files
+    assert not (run / "logs").exists()  # no empty logs/resume-1 left behind
+
+
 def test_ema_decay_and_counter_survive_a_checkpoint(reference):
     state = load_checkpoint(reference / "checkpoints" / "step=4.ckpt")["state_dict"]
     assert float(state["model_ema.decay"]) == pytest.approx(0.9)

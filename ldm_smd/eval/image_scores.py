@@ -146,8 +146,9 @@ class ImageScorer:
     """
 
     metrics: tuple[str, ...] = ("fd", "confident", "class_kl", "nn_dist")
+    # nn_dist has no better side: near the floor is right, far below it means copies
     better: dict[str, str] = {"fd": "lower", "confident": "higher", "class_kl": "lower",
-                              "nn_dist": "higher"}
+                              "nn_dist": "near the floor"}
 
     def __init__(self, *, data: str | Path, classifier: str | Path | None = None,
                  batch_size: int = 500) -> None:

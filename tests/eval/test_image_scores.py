@@ -29,7 +29,8 @@ def heldout(mnist5k_root):
 def test_interface(scorer):
     assert scorer.metrics == ("fd", "confident", "class_kl", "nn_dist")
     assert set(scorer.better) == set(scorer.metrics)
-    assert set(scorer.better.values()) <= {"lower", "higher"}
+    assert set(scorer.better.values()) <= {"lower", "higher", "near the floor"}
+    assert scorer.better["nn_dist"] == "near the floor"  # far below it: copies, not better
     assert set(scorer.floor()) == set(scorer.metrics)
 
 
