@@ -129,8 +129,11 @@ class LockOwner:
         """True or False on this host; ``None`` (unknown) for another host's process."""
         return _alive(self.pid, self.process_start) if self.on_this_host else None
 
-    def describe(self) -> str:
-        return f"pid {self.pid} on {self.host}, since {self.started}: `{self.command}`"
+    def describe(self, width: int = 160) -> str:
+        """The owner in one line; a command longer than ``width`` characters is cut (the whole
+        command line is in the lock file)."""
+        command = self.command if len(self.command) <= width else self.command[:width - 1] + "…"
+        return f"pid {self.pid} on {self.host}, since {self.started}: `{command}`"
 
 
 def read_owner(folder: str | Path) -> LockOwner | None:

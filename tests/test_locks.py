@@ -101,3 +101,13 @@ def test_an_unmakeable_folder_is_an_output_error(tmp_path):
     (tmp_path / "file").write_text("in the way")
     with pytest.raises(OutputError, match="cannot make --out"):
         FolderLock(tmp_path / "file" / "out", what="--out").acquire()
+
+
+def test_a_long_owner_command_is_cut_in_the_message_but_kept_in_the_file():
+    from ldm_smd.locks import LockOwner
+
+    owner = LockOwner.of_this_process("ldm-smd train " + " ".join(f"k{i}=v" for i in range(200)))
+    line = owner.describe()
+    assert len(line) < 260 and line.endswith("…`")
+    assert "k199=v" in owner.command and "k199=v" not in line
+    assert LockOwner.of_this_process("ldm-smd sample").describe().endswith("`ldm-smd sample`")
