@@ -130,9 +130,13 @@ class LockOwner:
         return _alive(self.pid, self.process_start) if self.on_this_host else None
 
     def describe(self, width: int = 160) -> str:
-        """The owner in one line; a command longer than ``width`` characters is cut (the whole
+        """The owner in one line; a command longer than ``width`` characters keeps its start
+        and its end (where a command line's own settings usually are), the middle cut (the whole
         command line is in the lock file)."""
-        command = self.command if len(self.command) <= width else self.command[:width - 1] + "…"
+        command = self.command
+        if len(command) > width:
+            head = width // 3
+            command = command[:head] + " … " + command[len(command) - (width - head - 3):]
         return f"pid {self.pid} on {self.host}, since {self.started}: `{command}`"
 
 

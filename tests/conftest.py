@@ -1,7 +1,15 @@
 """Shared test set-up: fp32 on few threads, and no run may reach the network."""
 
+import signal
+
 import pytest
 import torch
+
+# A shell starts a background job (`nohup make test &`) with SIGINT ignored, and children inherit
+# that: the Ctrl-C tests would then test nothing. Restore Python's own handler (their children,
+# started with exec, get the default back with it).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # one thread: tiny test tensors gain nothing from two, and a shared CI core stays free
 torch.set_num_threads(1)

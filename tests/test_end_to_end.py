@@ -146,4 +146,4 @@ def test_scale_factor_command_prints_and_writes(tmp_path, autoencoder_ckpt, caps
     assert printed > 0
     written = yaml.safe_load(target.read_text())["model"]["params"]["scale_factor"]
     assert written == pytest.approx(printed, rel=1e-5)
-    assert "# Stage 2 of the demo" in target.read_text()  # comments kept
+    assert "# Stage 2 of the two-stage example" in target.read_text()  # comments kept
