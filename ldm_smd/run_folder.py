@@ -204,3 +204,16 @@ def kept(run_dir: Path) -> str:
         return (f"the last complete checkpoint {ckpt} is kept; resume with "
                 f"`{resume_command(run_dir)}`")
     return "no checkpoint of this run was written yet"
+
+
+def remove_new_logs(run_dir: Path, before: set[Path]) -> None:
+    """Remove what this session made under ``logs/`` (a resume's ``logs/resume-K``: hparams,
+    no rows) when it trained nothing."""
+    logs = run_dir / "logs"
+    new = [p for p in set(run_dir.rglob("*")) - before if logs == p or logs in p.parents]
+    for path in sorted(new, key=lambda p: len(p.parts), reverse=True):
+        if path.is_dir():
+            if not any(path.iterdir()):
+                path.rmdir()
+        else:
+            path.unlink()

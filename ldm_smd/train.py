@@ -65,6 +65,7 @@ from ldm_smd.run_folder import (
     has_checkpoint,
     kept,
     newest_checkpoint,
+    remove_new_logs,
     remove_previous_run,
     remove_stale_temporaries,
     resume_command,
@@ -411,7 +412,7 @@ def _train(config: dict[str, Any], run_dir: Path, *, ckpt_path: Path | None, sta
     seconds = time.perf_counter() - start
     if run_start.start_step is None:  # a resumed run already at trainer.max_steps
         if first:
-            _remove_new_logs(run_dir, before)
+            remove_new_logs(run_dir, before)
         if trainer.is_global_zero:
             print(f"[ldm-smd] nothing trained: the run is already at step {trainer.global_step}, "
                   f"trainer.max_steps={trainer.max_steps}; to train on, raise it: "
@@ -430,19 +431,6 @@ def _train(config: dict[str, Any], run_dir: Path, *, ckpt_path: Path | None, sta
         raise Interrupted(f"stopped by Ctrl-C after step {stop.stopped_at}, its checkpoint {last} "
                           f"written; continue with `{resume_command(run_dir)}`")
     return {"run_dir": run_dir, "checkpoint": last, "seconds": seconds, "trainer": trainer}
-
-
-def _remove_new_logs(run_dir: Path, before: set[Path]) -> None:
-    """Remove what this session made under ``logs/`` (a resume's ``logs/resume-K``: hparams,
-    no rows) when it trained nothing."""
-    logs = run_dir / "logs"
-    new = [p for p in set(run_dir.rglob("*")) - before if logs == p or logs in p.parents]
-    for path in sorted(new, key=lambda p: len(p.parts), reverse=True):
-        if path.is_dir():
-            if not any(path.iterdir()):
-                path.rmdir()
-        else:
-            path.unlink()
 
 
 def _end_process_group() -> None:
