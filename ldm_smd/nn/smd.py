@@ -117,32 +117,19 @@ class LatentGenerator(nn.Module):
             self.out = nn.Linear(width, latent_dim)
             self.global_proj = None
 
-    @property
-    def linear_head(self) -> nn.Module:
-        """The last layer, a linear map to ``latent_dim`` channels: ``conv_out`` (1x1) for
-        images, ``out`` for vectors."""
-        return self.conv_out if self.spatial else self.out
-
-    def features(self, eta: torch.Tensor, x_t: torch.Tensor,
-                 t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(h, shift)``: the features :attr:`linear_head` reads, (B, F, H, W) or (B, F), and the
-        per-row shift (B, latent_dim) that the global path adds to ``z`` (None without it)."""
+    def forward(self, eta: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Return ``z`` of shape (B, latent_dim, H, W) or (B, latent_dim)."""
         emb = self.time_embed(timestep_embedding(t, self.width).to(x_t.dtype))
         xin = torch.cat([x_t, eta], dim=1)
         if not self.spatial:
-            return F.silu(self.hidden(F.silu(self.inp(xin) + emb))), None
+            return self.out(F.silu(self.hidden(F.silu(self.inp(xin) + emb))))
         h0 = self.enc0(self.conv_in(xin), emb)
         h1 = self.enc1(self.down(h0), emb)
         up = F.interpolate(h1, size=h0.shape[-2:], mode="nearest")
-        h = self.act_out(self.norm_out(torch.cat([up, h0], dim=1)))
-        shift = None if self.global_proj is None else self.global_proj(F.silu(h1.mean(dim=(2, 3))))
-        return h, shift
-
-    def forward(self, eta: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Return ``z`` of shape (B, latent_dim, H, W) or (B, latent_dim)."""
-        h, shift = self.features(eta, x_t, t)
-        z = self.linear_head(h)
-        return z if shift is None else z + shift.view(*shift.shape, *([1] * (z.dim() - 2)))
+        z = self.conv_out(self.act_out(self.norm_out(torch.cat([up, h0], dim=1))))
+        if self.global_proj is None:
+            return z
+        return z + self.global_proj(F.silu(h1.mean(dim=(2, 3))))[:, :, None, None]
 
 
 class SMDNetwork(nn.Module):
