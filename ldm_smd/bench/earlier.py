@@ -8,7 +8,8 @@ samples, one file per row it scored) and ``config.yaml``. ``--resume`` refuses a
 another config file made (it names both: ``--overwrite`` replaces that benchmark), and keeps a
 finished run when its saved config is this benchmark's config of that run, its scoring options are
 this benchmark's and it holds every row asked of it; anything else is run again, and the runner
-says which runs it replaces. ``--overwrite`` deletes only the benchmark's own entries: the files in
+says which runs it replaces. A finished base model of the fast samplers asked for more step counts
+is not trained again: it keeps its rows and samples the new ones from its final checkpoint. ``--overwrite`` deletes only the benchmark's own entries: the files in
 :data:`FILES`, run folders named like a run that hold a ``config.yaml``, the first stage's folder,
 ``samples/<row>_T<T>_seed<seed>.npz`` and ``grids/<row>_T<T>.png``; nothing else in the folder.
 """
@@ -37,6 +38,7 @@ FILES = ("runs.jsonl", "results.md", "results.json", "scatter.png", "metrics_vs_
 RUN_NAME = re.compile(r".+_T\d+_seed\d+")
 PICTURE_NAME = re.compile(r".+_T\d+")
 FIRST_STAGE = "first_stage"
+LACKS_ROWS = "it lacks rows asked for now"
 
 
 def run_name(method: str, T: int, seed: int) -> str:
@@ -137,9 +139,10 @@ def expected_config(config: Mapping[str, Any], method: str, T: int, seed: int,
 
 def read_finished(run_dir: Path, *, config: dict, scoring_options: dict,
                   rows: Sequence[tuple[str, int]], layout: Layout, method: str, T: int,
-                  seed: int) -> tuple[list[dict] | None, str]:
+                  seed: int, partial: bool = False) -> tuple[list[dict] | None, str]:
     """``(records with their kept samples, "")`` of the finished run in ``run_dir`` when this
-    benchmark keeps it (it holds every row of ``rows``), else ``(None, why not)``."""
+    benchmark keeps it (it holds every row of ``rows``; ``partial``: the rows of ``rows`` it
+    holds, when it holds any), else ``(None, why not)``."""
     if not (run_dir / "config.yaml").is_file():
         return None, ""
     try:
@@ -152,11 +155,12 @@ def read_finished(run_dir: Path, *, config: dict, scoring_options: dict,
     if scores.get("scoring") != scoring_options:
         return None, "its scoring options differ"
     by_row = {(r["method"], r["T"]): r for r in scores.get("records") or []}
-    if any(row not in by_row for row in rows):
-        return None, "it lacks rows asked for now"
+    held = [row for row in rows if row in by_row]
+    if not held or (len(held) < len(rows) and not partial):
+        return None, LACKS_ROWS
     numeric = set(summary_keys(layout, list(by_row.values())))
     records = []
-    for row, t in rows:
+    for row, t in held:
         try:  # the samples only of a run that is kept
             with np.load(kept_file(run_dir, row, t)) as data:
                 kept = {k: data[k] for k in data.files}
@@ -166,6 +170,13 @@ def read_finished(run_dir: Path, *, config: dict, scoring_options: dict,
                   for k, v in by_row[(row, t)].items()}
         records.append({**record, "kept": kept})
     return records, ""
+
+
+def base_checkpoint(run_dir: Path) -> Path | None:
+    """The final checkpoint of a finished base model's run (a ``fast`` job), when it holds one:
+    a later command that asks it for more step counts samples it instead of training it again."""
+    path = run_dir / "checkpoints" / "last.ckpt"
+    return path if path.is_file() and (run_dir / "scores.json").is_file() else None
 
 
 def kept_jobs(out: Path, jobs: Sequence[Any], config: dict, *, layout: Layout,
@@ -185,6 +196,8 @@ def kept_jobs(out: Path, jobs: Sequence[Any], config: dict, *, layout: Layout,
             seed=job.seed) if resume else (None, "")
         if records is not None:
             kept[job] = records
+        elif why == LACKS_ROWS and job.kind == "fast" and base_checkpoint(run_dir):
+            replaced.append(f"{job.name} ({why}: its base model is kept and samples them)")
         elif run_dir.exists():
             replaced.append(f"{job.name} ({why})" if why else job.name)
     return kept, replaced

@@ -27,10 +27,13 @@ from ldm_smd.bench.scorers import Scorer, build_scorer
 from ldm_smd.bench.spec import bench_options, fast_samplers, run_config, schedule_block, scorer_spec
 from ldm_smd.callbacks import NonFiniteError
 from ldm_smd.config import instantiate, save_config
+from ldm_smd.sample import load_diffusion_checkpoint
 from ldm_smd.train import build_run
 
 #: first key of the sampling generator's seed (see :mod:`ldm_smd.rng`)
 SAMPLE_STREAM = 11
+#: what a run's training cost (:func:`_train`), in each of its records
+COST_KEYS = ("train_s", "steps", "ms_per_step", "final_loss", "diverged_at")
 
 
 @dataclass(frozen=True)
@@ -178,11 +181,30 @@ def train_run(config: dict, job: Job, out_dir: Path) -> list[dict]:
 
 def fast_run(config: dict, job: Job, out_dir: Path) -> list[dict]:
     """Train the base model of a seed once at ``T = base_T``, then sample it with every fast
-    sampler at ``steps = T`` for each ``T`` of the job's list."""
+    sampler at ``steps = T`` for each ``T`` of the job's list. A finished base model of the same
+    config in the run folder is not trained again: its scored rows are kept and it samples only
+    the rows it lacks (a later command that asks for more step counts)."""
     scorer = build_scorer(scorer_spec(config))
-    model, cost = _train(config, job, out_dir, scorer, job.T, [])
+    run_dir = out_dir / "runs" / job.name
+    options_kept = earlier.scoring(config, fast=True)
+    held, _ = earlier.read_finished(
+        run_dir, config=config, scoring_options=options_kept, rows=job.rows(config),
+        layout=scorer.layout, method=job.method, T=job.T, seed=job.seed, partial=True)
+    base = earlier.base_checkpoint(run_dir)
+    if held and base:
+        model = load_diffusion_checkpoint(base)
+        cost = {key: held[0][key] for key in COST_KEYS}
+    else:
+        held = []
+        model, cost = _train(config, job, out_dir, scorer, job.T, [])
+    done = {(r["method"], r["T"]): r for r in held}
     records, kept = [], []
     for name, T in job.rows(config):
+        if (name, T) in done:
+            record = dict(done[(name, T)])
+            kept.append(record.pop("kept"))
+            records.append(record)
+            continue
         options = fast_samplers(config)["samplers"][name]
         metrics, arrays, sample_s = _sample_and_score(
             model, config, scorer, T, job.seed, sampler=options.get("kind"), steps=T,
@@ -190,8 +212,7 @@ def fast_run(config: dict, job: Job, out_dir: Path) -> list[dict]:
         records.append({"method": name, "T": T, "seed": job.seed, **metrics, **cost,
                         "sample_s": sample_s, "base_T": job.T, "sampler": dict(options)})
         kept.append(arrays)
-    earlier.save_finished(out_dir / "runs" / job.name, records, kept,
-                          earlier.scoring(config, fast=True))
+    earlier.save_finished(run_dir, records, kept, options_kept)
     return [{**r, "kept": k} for r, k in zip(records, kept, strict=True)]
 
 

@@ -179,7 +179,7 @@ FAST = ("bench.fast_samplers={base_T: 50, samplers: {ddim: {kind: ddim, spacing:
         "dpmpp: {kind: dpmpp, spacing: trailing}}}")
 
 
-def test_fast_samplers_and_scores_during_training(quick_run, tmp_path):
+def test_fast_samplers_and_scores_during_training(quick_run, tmp_path, capsys):
     """One base model per seed, sampled by each fast sampler at steps = T; a run scored during
     training ends with the very numbers of a run that was not (scoring draws its own noise)."""
     out = tmp_path / "bench"
@@ -219,6 +219,22 @@ def test_fast_samplers_and_scores_during_training(quick_run, tmp_path):
     again = run_mixture_benchmark(RING8, **kw, resume=True)
     assert (base / "checkpoints" / "last.ckpt").stat().st_mtime_ns == stamp
     assert again["table"] == result["table"]
+    # a resume that asks for one more T samples the base model for it, training nothing
+    capsys.readouterr()
+    more = run_mixture_benchmark(RING8, **{**kw, "T_list": [2, 3, 4]}, resume=True)
+    assert "fast_vanilla_T50_seed0 (it lacks rows asked for now: its base model is kept" in (
+        capsys.readouterr().out)
+    assert (base / "checkpoints" / "last.ckpt").stat().st_mtime_ns == stamp
+    longer = {(r["method"], r["T"]): r for r in more["runs"]}
+    for key in runs:  # what was there is kept as it was
+        if key[0] in ("ddim", "dpmpp"):
+            assert longer[key]["sw"] == runs[key]["sw"]
+            assert longer[key]["train_s"] == runs[key]["train_s"]
+    assert longer[("ddim", 4)]["train_s"] == runs[("ddim", 2)]["train_s"]  # its cost, not a new one
+    x = model.sample_latents(512, generator=rng.generator(0, SAMPLE_STREAM, 4), sampler="dpmpp",
+                             steps=4, spacing="trailing")
+    assert np.allclose(x.numpy(), np.load(base / "samples_dpmpp_T4.npz")["samples"], atol=1e-6)
+    assert np.array_equal(np.load(base / "samples_ddim_T3.npz")["samples"], kept)
 
 
 def test_resume_refuses_the_folder_of_another_config(tmp_path, capsys):
