@@ -65,7 +65,8 @@ def check_stage2_config(config_path: str | Path) -> tuple[str, dict]:
     block is a stage-2 model (the target accepts ``scale_factor``) with a real first stage.
     Raises :class:`ConfigError` naming the file otherwise, and for a file that cannot be
     written."""
-    from ldm_smd.config import ConfigError, import_target
+    from ldm_smd.blocks import import_target
+    from ldm_smd.config import ConfigError
 
     path = Path(config_path)
     if not path.is_file():

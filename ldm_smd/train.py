@@ -30,6 +30,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+from ldm_smd.blocks import instantiate
 from ldm_smd.callbacks import (
     AtomicCheckpointIO,
     FinalCheckpoint,
@@ -45,7 +46,7 @@ from ldm_smd.checkpoints import (
     check_state_dict,
     load_checkpoint,
 )
-from ldm_smd.config import ConfigError, instantiate, load_config, save_config
+from ldm_smd.config import ConfigError, load_config, save_config
 from ldm_smd.console import final_loss, quiet_lightning, where
 from ldm_smd.errors import (
     WRITE_ERRNOS,

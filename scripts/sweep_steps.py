@@ -26,7 +26,8 @@ import torch
 
 
 def _score_mixture(npz: Path, mixture_config: str, seed: int) -> dict[str, float]:
-    from ldm_smd.config import instantiate, load_config
+    from ldm_smd.blocks import instantiate
+    from ldm_smd.config import load_config
     from ldm_smd.eval.fid import load_uint8_array
     from ldm_smd.eval.mixture_metrics import mixture_metrics
 

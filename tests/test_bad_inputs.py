@@ -31,9 +31,10 @@ import yaml
 from PIL import Image
 
 from ldm_smd import fileio
+from ldm_smd.blocks import instantiate
 from ldm_smd.checkpoints import CheckpointError, load_checkpoint
 from ldm_smd.cli import main as cli
-from ldm_smd.config import ConfigError, instantiate, load_config
+from ldm_smd.config import ConfigError, load_config
 from ldm_smd.data.decode import CorruptImageError
 from ldm_smd.errors import LdmSmdError
 from ldm_smd.sample import load_diffusion_checkpoint

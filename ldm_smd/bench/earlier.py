@@ -9,8 +9,9 @@ another config file made (it names both: ``--overwrite`` replaces that benchmark
 finished run when its saved config is this benchmark's config of that run, its scoring options are
 this benchmark's and it holds every row asked of it; anything else is run again, and the runner
 says which runs it replaces. A finished base model of the fast samplers asked for more step counts
-is not trained again: it keeps its rows and samples the new ones from its final checkpoint. ``--overwrite`` deletes only the benchmark's own entries: the files in
-:data:`FILES`, run folders named like a run that hold a ``config.yaml``, the first stage's folder,
+is not trained again: it keeps its rows and samples the new ones from its final checkpoint.
+``--overwrite`` deletes only the benchmark's own entries: the files in :data:`FILES`, run folders
+named like a run that hold a ``config.yaml``, the first stage's folder,
 ``samples/<row>_T<T>_seed<seed>.npz`` and ``grids/<row>_T<T>.png``; nothing else in the folder.
 """
 

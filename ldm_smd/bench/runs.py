@@ -25,8 +25,9 @@ from ldm_smd import rng
 from ldm_smd.bench import earlier
 from ldm_smd.bench.scorers import Scorer, build_scorer
 from ldm_smd.bench.spec import bench_options, fast_samplers, run_config, schedule_block, scorer_spec
+from ldm_smd.blocks import instantiate
 from ldm_smd.callbacks import NonFiniteError
-from ldm_smd.config import instantiate, save_config
+from ldm_smd.config import save_config
 from ldm_smd.sample import load_diffusion_checkpoint
 from ldm_smd.train import build_run
 

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from ldm_smd.config import instantiate
+from ldm_smd.blocks import instantiate
 from ldm_smd.data.mixtures import GaussianMixture
 from ldm_smd.eval import mixture_metrics as mm
 from ldm_smd.eval.bench_report import Layout

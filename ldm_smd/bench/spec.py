@@ -37,19 +37,21 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from ldm_smd.config import (
-    ConfigError,
-    apply_overrides,
+from ldm_smd.blocks import (
     check_arguments,
     check_keys,
     import_target,
     is_spec,
+    signature_params,
+    validate_spec,
+)
+from ldm_smd.config import (
+    ConfigError,
+    apply_overrides,
     load_config,
     register_section,
-    signature_params,
     to_plain,
     validate_config,
-    validate_spec,
 )
 
 #: the ``bench`` block: key -> (type, meaning)

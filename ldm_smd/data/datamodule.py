@@ -1,7 +1,7 @@
 """A LightningDataModule over any map-style image dataset of this package.
 
 The train and validation datasets are given as ``{target, params}`` blocks (built here with
-:func:`ldm_smd.config.instantiate`; the config loader has already validated them against the
+:func:`ldm_smd.blocks.instantiate`; the config loader has already validated them against the
 dataset's constructor) or as dataset objects when used from Python.
 
 Reproducibility: the training order of epoch ``e`` is a permutation drawn from a generator seeded
@@ -50,7 +50,7 @@ def build_dataset(spec: Mapping[str, Any] | Dataset, *, key: str) -> Dataset:
         raise ValueError(
             f"{key}: expected a dataset or a {{target, params}} block, got {spec!r}"
         )
-    from ldm_smd.config import instantiate  # lazy: keeps `import ldm_smd.data` light
+    from ldm_smd.blocks import instantiate  # lazy: keeps `import ldm_smd.data` light
 
     dataset = instantiate(spec)
     if not isinstance(dataset, Dataset) and not hasattr(dataset, "__getitem__"):

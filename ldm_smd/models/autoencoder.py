@@ -20,7 +20,8 @@ from typing import Any
 import lightning as L
 import torch
 
-from ldm_smd.config import instantiate, to_plain
+from ldm_smd.blocks import instantiate
+from ldm_smd.config import to_plain
 from ldm_smd.images import save_grid
 from ldm_smd.models.losses import LPIPSWithDiscriminator
 from ldm_smd.nn.autoencoder import AutoencoderKL as AutoencoderNet

@@ -11,7 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ldm_smd.config import ConfigError, import_target, is_spec
+from ldm_smd.blocks import import_target, is_spec
+from ldm_smd.config import ConfigError
 from ldm_smd.diffusion.multi_eta import MultiEtaObjective, draws_eta
 
 LR_SCHEDULES = ("constant", "cosine")

@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from ldm_smd import rng
-from ldm_smd.config import ConfigError, instantiate
+from ldm_smd.blocks import instantiate
+from ldm_smd.config import ConfigError
 from ldm_smd.diffusion.samplers import Sampler
 from ldm_smd.diffusion.schedule import NoiseSchedule
 from ldm_smd.models.components import check_model_params, component

@@ -13,7 +13,8 @@ import torch
 
 from ldm_smd import rng
 from ldm_smd.bench.runner import SAMPLE_STREAM, run_mixture_benchmark
-from ldm_smd.config import ConfigError, instantiate, load_config
+from ldm_smd.blocks import instantiate
+from ldm_smd.config import ConfigError, load_config
 from ldm_smd.errors import OutputError
 from ldm_smd.eval.bench_report import tabulate_results
 from ldm_smd.eval.mixture_metrics import mixture_metrics

@@ -18,8 +18,9 @@ import torch
 import yaml
 
 from ldm_smd.bench.spec import run_config
+from ldm_smd.blocks import instantiate
 from ldm_smd.checkpoints import load_checkpoint
-from ldm_smd.config import instantiate, load_config, save_config
+from ldm_smd.config import load_config, save_config
 from ldm_smd.train import train
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from ldm_smd.config import instantiate
+from ldm_smd.blocks import instantiate
 from ldm_smd.data import mnist5k
 from ldm_smd.data.mnist5k import MNIST5k, load_split, read_source, source_path
 from ldm_smd.errors import DataError

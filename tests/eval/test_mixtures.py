@@ -7,7 +7,8 @@ import pytest
 import torch
 from scipy import stats
 
-from ldm_smd.config import ConfigError, instantiate, validate_spec
+from ldm_smd.blocks import instantiate, validate_spec
+from ldm_smd.config import ConfigError
 from ldm_smd.data.mixtures import (
     GaussianMixture,
     grid_mixture,

@@ -8,7 +8,8 @@ import pytest
 import tiny_configs
 import torch
 
-from ldm_smd.config import ConfigError, instantiate, load_config
+from ldm_smd.blocks import instantiate
+from ldm_smd.config import ConfigError, load_config
 from ldm_smd.convert import RecordedScales, build_autoencoder
 from ldm_smd.models.first_stage import IDENTITY, resolve_scale_factor
 
