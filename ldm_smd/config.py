@@ -151,6 +151,7 @@ def save_config(config: Mapping[str, Any], path: str | Path) -> None:
     atomic_write(path, lambda handle: handle.write(text.encode()))
 
 
+# ----------------------------------------------------------------------------- validation
 
 
 def check_seeds(config: Any, key: str = "") -> None:

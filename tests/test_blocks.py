@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from ldm_smd.blocks import check_type, import_target, instantiate, validate_spec
-from ldm_smd.config import ConfigError
+from ldm_smd.errors import ConfigError
 
 
 class Widget:

@@ -8,8 +8,9 @@ samples, one file per row it scored) and ``config.yaml``. ``--resume`` refuses a
 another config file made (it names both: ``--overwrite`` replaces that benchmark), and keeps a
 finished run when its saved config is this benchmark's config of that run, its scoring options are
 this benchmark's and it holds every row asked of it; anything else is run again, and the runner
-says which runs it replaces. A finished base model of the fast samplers asked for more step counts
-is not trained again: it keeps its rows and samples the new ones from its final checkpoint.
+says which runs it replaces. A ``--resume`` that asks a finished base model of the fast samplers for
+step counts it lacks does not train it again: it keeps its rows and samples the new ones from its
+final checkpoint (:func:`reusable_base`).
 ``--overwrite`` deletes only the benchmark's own entries: the files in :data:`FILES`, run folders
 named like a run that hold a ``config.yaml``, the first stage's folder,
 ``samples/<row>_T<T>_seed<seed>.npz`` and ``grids/<row>_T<T>.png``; nothing else in the folder.
@@ -21,6 +22,7 @@ import json
 import re
 import shutil
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +30,12 @@ import numpy as np
 import yaml
 
 from ldm_smd.bench.spec import bench_options, fast_samplers, run_config, scorer_spec
+from ldm_smd.checkpoints import CheckpointError, load_checkpoint
 from ldm_smd.config import to_plain
 from ldm_smd.errors import OutputError
 from ldm_smd.eval.bench_report import DESCRIPTION_FILE, Layout, summary_keys
 from ldm_smd.jsonio import write_json
+from ldm_smd.run_folder import LAST
 
 #: the benchmark's own files in its folder
 FILES = ("runs.jsonl", "results.md", "results.json", "scatter.png", "metrics_vs_T.png",
@@ -39,7 +43,8 @@ FILES = ("runs.jsonl", "results.md", "results.json", "scatter.png", "metrics_vs_
 RUN_NAME = re.compile(r".+_T\d+_seed\d+")
 PICTURE_NAME = re.compile(r".+_T\d+")
 FIRST_STAGE = "first_stage"
-LACKS_ROWS = "it lacks rows asked for now"
+#: what a run's training cost (:func:`ldm_smd.bench.runs.train_run`), in each of its records
+COST_KEYS = ("train_s", "steps", "ms_per_step", "final_loss", "diverged_at")
 
 
 def run_name(method: str, T: int, seed: int) -> str:
@@ -62,11 +67,16 @@ def kept_file(run_dir: Path, row: str, T: int) -> Path:
 
 
 def save_finished(run_dir: Path, records: Sequence[dict], kept: Sequence[dict],
-                  scoring_options: dict) -> None:
-    """Mark a trained run finished: each row's kept samples, then its records and scoring."""
+                  scoring_options: dict, *, earlier: Sequence[dict] = ()) -> None:
+    """Mark a trained run finished: each row's kept samples, then its records and scoring;
+    ``earlier``: the records it already held (a reused base model's), kept beside the new ones
+    unless a new record has their row."""
     for record, arrays in zip(records, kept, strict=True):
         np.savez_compressed(kept_file(run_dir, record["method"], record["T"]), **arrays)
-    write_json(run_dir / "scores.json", {"scoring": scoring_options, "records": list(records)})
+    new = {(r["method"], r["T"]) for r in records}
+    held = [r for r in earlier if (r["method"], r["T"]) not in new]
+    write_json(run_dir / "scores.json", {"scoring": scoring_options,
+                                         "records": [*held, *records]})
 
 
 def entries(out: Path) -> list[Path]:
@@ -140,10 +150,9 @@ def expected_config(config: Mapping[str, Any], method: str, T: int, seed: int,
 
 def read_finished(run_dir: Path, *, config: dict, scoring_options: dict,
                   rows: Sequence[tuple[str, int]], layout: Layout, method: str, T: int,
-                  seed: int, partial: bool = False) -> tuple[list[dict] | None, str]:
+                  seed: int) -> tuple[list[dict] | None, str]:
     """``(records with their kept samples, "")`` of the finished run in ``run_dir`` when this
-    benchmark keeps it (it holds every row of ``rows``; ``partial``: the rows of ``rows`` it
-    holds, when it holds any), else ``(None, why not)``."""
+    benchmark keeps it (it holds every row of ``rows``), else ``(None, why not)``."""
     if not (run_dir / "config.yaml").is_file():
         return None, ""
     try:
@@ -156,36 +165,83 @@ def read_finished(run_dir: Path, *, config: dict, scoring_options: dict,
     if scores.get("scoring") != scoring_options:
         return None, "its scoring options differ"
     by_row = {(r["method"], r["T"]): r for r in scores.get("records") or []}
-    held = [row for row in rows if row in by_row]
-    if not held or (len(held) < len(rows) and not partial):
-        return None, LACKS_ROWS
+    if any(row not in by_row for row in rows):
+        return None, "it lacks rows asked for now"
     numeric = set(summary_keys(layout, list(by_row.values())))
     records = []
-    for row, t in held:
-        try:  # the samples only of a run that is kept
-            with np.load(kept_file(run_dir, row, t)) as data:
-                kept = {k: data[k] for k in data.files}
-        except (OSError, ValueError):
+    for row, t in rows:
+        kept = read_kept(run_dir, row, t)
+        if kept is None:
             return None, "its kept samples are missing"
-        record = {k: (float("nan") if v is None and k in numeric else v)
-                  for k, v in by_row[(row, t)].items()}
-        records.append({**record, "kept": kept})
+        records.append({**as_record(by_row[(row, t)], numeric), "kept": kept})
     return records, ""
 
 
-def base_checkpoint(run_dir: Path) -> Path | None:
-    """The final checkpoint of a finished base model's run (a ``fast`` job), when it holds one:
-    a later command that asks it for more step counts samples it instead of training it again."""
-    path = run_dir / "checkpoints" / "last.ckpt"
-    return path if path.is_file() and (run_dir / "scores.json").is_file() else None
+def read_kept(run_dir: Path, row: str, T: int) -> dict[str, np.ndarray] | None:
+    """The samples a run kept of ``row`` at ``T`` (``None``: missing or unreadable)."""
+    try:
+        with np.load(kept_file(run_dir, row, T)) as data:
+            return {k: data[k] for k in data.files}
+    except (OSError, ValueError):
+        return None
+
+
+def as_record(saved: Mapping[str, Any], numeric: set[str]) -> dict[str, Any]:
+    """A record as ``scores.json`` saved it, its ``numeric`` keys' ``null`` read as NaN."""
+    return {k: (float("nan") if v is None and k in numeric else v) for k, v in saved.items()}
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    """A finished base model of the fast samplers, which a later command samples at the step
+    counts it lacks instead of training it again (:func:`reusable_base`).
+
+    Args:
+        checkpoint: its final checkpoint, written at the config's last training step.
+        records: every record of its ``scores.json`` (step counts not asked for now too); their
+            :data:`COST_KEYS` are the base model's training cost.
+    """
+
+    checkpoint: Path
+    records: tuple[dict[str, Any], ...]
+
+    @property
+    def cost(self) -> dict[str, Any]:
+        return {key: self.records[0][key] for key in COST_KEYS}
+
+
+def reusable_base(run_dir: Path, *, config: dict, method: str, T: int,
+                  seed: int) -> BaseModel | None:
+    """The base model in ``run_dir`` when it can serve this benchmark: its saved config and
+    scoring options are this benchmark's, its training did not diverge, and its ``last.ckpt`` was
+    written at the config's ``trainer.max_steps`` (so it is the model its records were scored
+    with); else ``None``."""
+    try:
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+        scores = json.loads((run_dir / "scores.json").read_text())
+        checkpoint = run_dir / "checkpoints" / LAST
+        step = load_checkpoint(checkpoint, mmap=True).get("global_step")
+    except (OSError, ValueError, AttributeError, yaml.YAMLError, CheckpointError):
+        return None
+    records = tuple(scores.get("records") or ())
+    last_step = ((saved or {}).get("trainer") or {}).get("max_steps")
+    if (saved != expected_config(config, method, T, seed, run_dir)
+            or scores.get("scoring") != scoring(config, fast=True) or not records
+            or any(r.get("diverged_at") is not None for r in records)
+            or not isinstance(last_step, int) or step != last_step):
+        return None
+    return BaseModel(checkpoint, records)
 
 
 def kept_jobs(out: Path, jobs: Sequence[Any], config: dict, *, layout: Layout,
-              resume: bool) -> tuple[dict[Any, list[dict]], list[str]]:
-    """``(kept, replaced)``: the records of each trained job (a :class:`ldm_smd.bench.runs.Job`)
-    whose finished run a ``resume`` keeps, and the run folders in ``out`` that are there but not
-    kept (``name (why)`` where a resume says why), which their jobs replace."""
+              resume: bool) -> tuple[dict[Any, list[dict]], set[Any], list[str]]:
+    """``(kept, reused, replaced)``: the records of each trained job (a
+    :class:`ldm_smd.bench.runs.Job`) whose finished run a ``resume`` keeps; the ``fast`` jobs
+    whose base model a ``resume`` samples at the step counts it lacks (:func:`reusable_base`);
+    and the run folders in ``out`` that are there but not kept (``name (why)`` where a resume
+    says why), which their jobs replace or, for a reused base model, complete."""
     kept: dict[Any, list[dict]] = {}
+    reused = set()
     replaced = []
     for job in jobs:
         if job.kind == "reference":
@@ -197,11 +253,13 @@ def kept_jobs(out: Path, jobs: Sequence[Any], config: dict, *, layout: Layout,
             seed=job.seed) if resume else (None, "")
         if records is not None:
             kept[job] = records
-        elif why == LACKS_ROWS and job.kind == "fast" and base_checkpoint(run_dir):
+        elif resume and job.kind == "fast" and reusable_base(
+                run_dir, config=config, method=job.method, T=job.T, seed=job.seed):
+            reused.add(job)
             replaced.append(f"{job.name} ({why}: its base model is kept and samples them)")
         elif run_dir.exists():
             replaced.append(f"{job.name} ({why})" if why else job.name)
-    return kept, replaced
+    return kept, reused, replaced
 
 
 def clear(out: Path, found: Iterable[Path], *, keep: set[str]) -> list[str]:

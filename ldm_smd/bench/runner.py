@@ -40,6 +40,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import replace
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -168,12 +169,13 @@ def _run(config: dict, config_path: str | Path, out: Path, *, methods: list[str]
     rows = methods + list((fast or {}).get("samplers", {})) + refs
     config = prepare_first_stage(config, out, reuse=resume)
     jobs = plan(config, methods, T_list, seeds, refs)
-    kept, replaced = earlier.kept_jobs(out, jobs, config, layout=scorer.layout, resume=resume)
+    kept, reused, replaced = earlier.kept_jobs(out, jobs, config, layout=scorer.layout,
+                                               resume=resume)
     if replaced:
         why = "" if resume else f" ({'--overwrite' if overwrite else 'unfinished'})"
         print(f"[ldm-smd] bench: {len(replaced)} run folder(s) in {out / 'runs'} are replaced "
               f"as their jobs run again{why}: {', '.join(replaced)}")
-    jobs_left = [j for j in jobs if j not in kept]
+    jobs_left = [replace(j, reuse_base=True) if j in reused else j for j in jobs if j not in kept]
     threads = int(bench["threads_per_worker"])
     start = time.perf_counter()
     runs: list[dict] = [r for records in kept.values() for r in records]

@@ -28,13 +28,12 @@ from ldm_smd.bench.spec import bench_options, fast_samplers, run_config, schedul
 from ldm_smd.blocks import instantiate
 from ldm_smd.callbacks import NonFiniteError
 from ldm_smd.config import save_config
+from ldm_smd.eval.bench_report import summary_keys
 from ldm_smd.sample import load_diffusion_checkpoint
 from ldm_smd.train import build_run
 
 #: first key of the sampling generator's seed (see :mod:`ldm_smd.rng`)
 SAMPLE_STREAM = 11
-#: what a run's training cost (:func:`_train`), in each of its records
-COST_KEYS = ("train_s", "steps", "ms_per_step", "final_loss", "diverged_at")
 
 
 @dataclass(frozen=True)
@@ -49,6 +48,9 @@ class Job:
         T: the run's number of diffusion steps.
         seed: the run's seed.
         T_list: the steps the fast samplers take (``fast`` jobs only).
+        reuse_base: sample the finished base model in the run folder at the steps it lacks
+            instead of training it again (``fast`` jobs of a ``--resume`` only; see
+            :func:`ldm_smd.bench.earlier.reusable_base`).
     """
 
     kind: str
@@ -56,6 +58,7 @@ class Job:
     T: int
     seed: int
     T_list: tuple[int, ...] = ()
+    reuse_base: bool = False
 
     @property
     def name(self) -> str:
@@ -182,29 +185,24 @@ def train_run(config: dict, job: Job, out_dir: Path) -> list[dict]:
 
 def fast_run(config: dict, job: Job, out_dir: Path) -> list[dict]:
     """Train the base model of a seed once at ``T = base_T``, then sample it with every fast
-    sampler at ``steps = T`` for each ``T`` of the job's list. A finished base model of the same
-    config in the run folder is not trained again: its scored rows are kept and it samples only
-    the rows it lacks (a later command that asks for more step counts)."""
+    sampler at ``steps = T`` for each ``T`` of the job's list; ``job.reuse_base``: load the
+    finished base model in the run folder instead, keep the rows it holds and sample the rest."""
     scorer = build_scorer(scorer_spec(config))
     run_dir = out_dir / "runs" / job.name
-    options_kept = earlier.scoring(config, fast=True)
-    held, _ = earlier.read_finished(
-        run_dir, config=config, scoring_options=options_kept, rows=job.rows(config),
-        layout=scorer.layout, method=job.method, T=job.T, seed=job.seed, partial=True)
-    base = earlier.base_checkpoint(run_dir)
-    if held and base:
-        model = load_diffusion_checkpoint(base)
-        cost = {key: held[0][key] for key in COST_KEYS}
+    base = earlier.reusable_base(run_dir, config=config, method=job.method, T=job.T,
+                                 seed=job.seed) if job.reuse_base else None
+    if base is not None:
+        model, cost = load_diffusion_checkpoint(base.checkpoint), base.cost
     else:
-        held = []
         model, cost = _train(config, job, out_dir, scorer, job.T, [])
-    done = {(r["method"], r["T"]): r for r in held}
-    records, kept = [], []
+    held = {(r["method"], r["T"]): r for r in (base.records if base else ())}
+    numeric = set(summary_keys(scorer.layout, list(held.values())))
+    records, kept, new = [], [], []
     for name, T in job.rows(config):
-        if (name, T) in done:
-            record = dict(done[(name, T)])
-            kept.append(record.pop("kept"))
-            records.append(record)
+        arrays = earlier.read_kept(run_dir, name, T) if (name, T) in held else None
+        if arrays is not None:
+            records.append(earlier.as_record(held[(name, T)], numeric))
+            kept.append(arrays)
             continue
         options = fast_samplers(config)["samplers"][name]
         metrics, arrays, sample_s = _sample_and_score(
@@ -213,7 +211,9 @@ def fast_run(config: dict, job: Job, out_dir: Path) -> list[dict]:
         records.append({"method": name, "T": T, "seed": job.seed, **metrics, **cost,
                         "sample_s": sample_s, "base_T": job.T, "sampler": dict(options)})
         kept.append(arrays)
-    earlier.save_finished(run_dir, records, kept, options_kept)
+        new.append(len(records) - 1)
+    earlier.save_finished(run_dir, [records[i] for i in new], [kept[i] for i in new],
+                          earlier.scoring(config, fast=True), earlier=base.records if base else ())
     return [{**r, "kept": k} for r, k in zip(records, kept, strict=True)]
 
 

@@ -248,7 +248,7 @@ def _validate_first_stage(config: Mapping[str, Any], *, source: str) -> None:
 
 def validate_bench(config: Mapping[str, Any], *, source: str) -> None:
     """Check ``config['bench']``: its keys and types, the seeds, the model of every method (as
-    :func:`~ldm_smd.config.validate_spec` checks ``model``), the scorer block, the fast samplers,
+    :func:`~ldm_smd.blocks.validate_spec` checks ``model``), the scorer block, the fast samplers,
     the first stage's config and the whole config that its ``quick`` overrides make. Raises
     :class:`~ldm_smd.config.ConfigError` naming the key."""
     bench = config["bench"]

@@ -176,11 +176,12 @@ def test_overwrite_removes_the_benchmarks_own_files_only_and_only_once_a_run_fin
     assert not mine[1].exists()  # inside a run folder the benchmark redid: that run's own
 
 
+FAST_ROWS = ("ddim", "dpmpp")
 FAST = ("bench.fast_samplers={base_T: 50, samplers: {ddim: {kind: ddim, spacing: trailing}, "
         "dpmpp: {kind: dpmpp, spacing: trailing}}}")
 
 
-def test_fast_samplers_and_scores_during_training(quick_run, tmp_path, capsys):
+def test_fast_samplers_and_scores_during_training(quick_run, tmp_path):
     """One base model per seed, sampled by each fast sampler at steps = T; a run scored during
     training ends with the very numbers of a run that was not (scoring draws its own noise)."""
     out = tmp_path / "bench"
@@ -220,22 +221,58 @@ def test_fast_samplers_and_scores_during_training(quick_run, tmp_path, capsys):
     again = run_mixture_benchmark(RING8, **kw, resume=True)
     assert (base / "checkpoints" / "last.ckpt").stat().st_mtime_ns == stamp
     assert again["table"] == result["table"]
-    # a resume that asks for one more T samples the base model for it, training nothing
+
+
+def test_a_resume_samples_a_finished_base_model_at_the_steps_it_lacks(tmp_path, capsys):
+    """A second command that asks the fast samplers for other step counts trains nothing: the
+    base model is sampled where rows are missing, its other rows stay; a base model that diverged
+    or an --overwrite is trained again."""
+    out = tmp_path / "bench"
+    kw = dict(out_dir=out, overrides=[*TINY, FAST], quick=True, seeds=[0], methods=["vanilla"],
+              progress=False)
+    base = out / "runs" / "fast_vanilla_T50_seed0"
+    checkpoint = base / "checkpoints" / "last.ckpt"
+
+    def rows(result):
+        return {(r["method"], r["T"]): r for r in result["runs"] if r["method"] in FAST_ROWS}
+
+    def saved():
+        return json.loads((base / "scores.json").read_text())["records"]
+
+    first = rows(run_mixture_benchmark(RING8, **kw, T_list=[2, 3]))
+    stamp = checkpoint.stat().st_mtime_ns
     capsys.readouterr()
-    more = run_mixture_benchmark(RING8, **{**kw, "T_list": [2, 3, 4]}, resume=True)
-    assert "fast_vanilla_T50_seed0 (it lacks rows asked for now: its base model is kept" in (
-        capsys.readouterr().out)
-    assert (base / "checkpoints" / "last.ckpt").stat().st_mtime_ns == stamp
-    longer = {(r["method"], r["T"]): r for r in more["runs"]}
-    for key in runs:  # what was there is kept as it was
-        if key[0] in ("ddim", "dpmpp"):
-            assert longer[key]["sw"] == runs[key]["sw"]
-            assert longer[key]["train_s"] == runs[key]["train_s"]
-    assert longer[("ddim", 4)]["train_s"] == runs[("ddim", 2)]["train_s"]  # its cost, not a new one
+    second = rows(run_mixture_benchmark(RING8, **kw, T_list=[2, 4], resume=True))
+    assert ("fast_vanilla_T50_seed0 (it lacks rows asked for now: its base model is kept and "
+            "samples them)") in capsys.readouterr().out
+    assert checkpoint.stat().st_mtime_ns == stamp
+    for row in FAST_ROWS:
+        same = json.dumps(second[(row, 2)], sort_keys=True) == json.dumps(first[(row, 2)],
+                                                                          sort_keys=True)
+        assert same  # kept, not sampled again (its sample_s too; NaN cells compare equal)
+        assert second[(row, 4)]["train_s"] == first[(row, 2)]["train_s"]  # the base's cost
+    assert {(r["method"], r["T"]) for r in saved()} == {(m, T) for m in FAST_ROWS
+                                                          for T in (2, 3, 4)}
+    model = load_diffusion_checkpoint(checkpoint)
     x = model.sample_latents(512, generator=rng.generator(0, SAMPLE_STREAM, 4), sampler="dpmpp",
                              steps=4, spacing="trailing")
     assert np.allclose(x.numpy(), np.load(base / "samples_dpmpp_T4.npz")["samples"], atol=1e-6)
-    assert np.array_equal(np.load(base / "samples_ddim_T3.npz")["samples"], kept)
+    # no step count in common: still sampled, not trained
+    run_mixture_benchmark(RING8, **kw, T_list=[5], resume=True)
+    assert checkpoint.stat().st_mtime_ns == stamp
+    assert len(saved()) == 2 * 4
+    # a base model that diverged is trained again: its last checkpoint is not what it scored
+    (base / "scores.json").write_text(json.dumps(
+        {**json.loads((base / "scores.json").read_text()),
+         "records": [{**r, "diverged_at": 7} for r in saved()]}))
+    capsys.readouterr()
+    run_mixture_benchmark(RING8, **kw, T_list=[6], resume=True)
+    assert "fast_vanilla_T50_seed0 (it lacks rows asked for now)" in capsys.readouterr().out
+    assert checkpoint.stat().st_mtime_ns != stamp
+    assert {r["T"] for r in saved()} == {6}
+    stamp = checkpoint.stat().st_mtime_ns
+    run_mixture_benchmark(RING8, **kw, T_list=[6, 7], overwrite=True)  # --overwrite trains again
+    assert checkpoint.stat().st_mtime_ns != stamp
 
 
 def test_resume_refuses_the_folder_of_another_config(tmp_path, capsys):
