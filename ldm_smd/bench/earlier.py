@@ -153,17 +153,10 @@ def read_finished(run_dir: Path, *, config: dict, scoring_options: dict,
                   seed: int) -> tuple[list[dict] | None, str]:
     """``(records with their kept samples, "")`` of the finished run in ``run_dir`` when this
     benchmark keeps it (it holds every row of ``rows``), else ``(None, why not)``."""
-    if not (run_dir / "config.yaml").is_file():
-        return None, ""
-    try:
-        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-        scores = json.loads((run_dir / "scores.json").read_text())
-    except (OSError, ValueError, yaml.YAMLError):
-        return None, "unfinished"
-    if saved != expected_config(config, method, T, seed, run_dir):
-        return None, "its config differs"
-    if scores.get("scoring") != scoring_options:
-        return None, "its scoring options differ"
+    scores, why = _read_scores(run_dir, config=config, scoring_options=scoring_options,
+                               method=method, T=T, seed=seed)
+    if scores is None:
+        return None, why
     by_row = {(r["method"], r["T"]): r for r in scores.get("records") or []}
     if any(row not in by_row for row in rows):
         return None, "it lacks rows asked for now"
@@ -175,6 +168,24 @@ def read_finished(run_dir: Path, *, config: dict, scoring_options: dict,
             return None, "its kept samples are missing"
         records.append({**as_record(by_row[(row, t)], numeric), "kept": kept})
     return records, ""
+
+
+def _read_scores(run_dir: Path, *, config: dict, scoring_options: dict, method: str, T: int,
+                 seed: int) -> tuple[dict | None, str]:
+    """``(scores.json, "")`` of the finished run in ``run_dir`` when its saved config and scoring
+    options are this benchmark's, else ``(None, why not)``."""
+    if not (run_dir / "config.yaml").is_file():
+        return None, ""
+    try:
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+        scores = json.loads((run_dir / "scores.json").read_text())
+    except (OSError, ValueError, yaml.YAMLError):
+        return None, "unfinished"
+    if saved != expected_config(config, method, T, seed, run_dir):
+        return None, "its config differs"
+    if scores.get("scoring") != scoring_options:
+        return None, "its scoring options differ"
+    return scores, ""
 
 
 def read_kept(run_dir: Path, row: str, T: int) -> dict[str, np.ndarray] | None:
@@ -216,19 +227,18 @@ def reusable_base(run_dir: Path, *, config: dict, method: str, T: int,
     scoring options are this benchmark's, its training did not diverge, and its ``last.ckpt`` was
     written at the config's ``trainer.max_steps`` (so it is the model its records were scored
     with); else ``None``."""
-    try:
-        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-        scores = json.loads((run_dir / "scores.json").read_text())
-        checkpoint = run_dir / "checkpoints" / LAST
-        step = load_checkpoint(checkpoint, mmap=True).get("global_step")
-    except (OSError, ValueError, AttributeError, yaml.YAMLError, CheckpointError):
+    scores, _ = _read_scores(run_dir, config=config, scoring_options=scoring(config, fast=True),
+                             method=method, T=T, seed=seed)
+    records = tuple((scores or {}).get("records") or ())
+    if not records or any(r.get("diverged_at") is not None for r in records):
         return None
-    records = tuple(scores.get("records") or ())
-    last_step = ((saved or {}).get("trainer") or {}).get("max_steps")
-    if (saved != expected_config(config, method, T, seed, run_dir)
-            or scores.get("scoring") != scoring(config, fast=True) or not records
-            or any(r.get("diverged_at") is not None for r in records)
-            or not isinstance(last_step, int) or step != last_step):
+    checkpoint = run_dir / "checkpoints" / LAST
+    try:
+        step = load_checkpoint(checkpoint, mmap=True).get("global_step")
+    except (CheckpointError, AttributeError):
+        return None
+    last_step = (run_config(config, method, T, seed).get("trainer") or {}).get("max_steps")
+    if not isinstance(last_step, int) or step != last_step:
         return None
     return BaseModel(checkpoint, records)
 
