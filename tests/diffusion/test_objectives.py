@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from ldm_smd import rng
-from ldm_smd.diffusion.multi_eta import draws_eta
+from ldm_smd.diffusion.multi_eta import EnergyObjective, draws_eta
 from ldm_smd.diffusion.objectives import (
     DenoisingObjective,
     MixtureObjective,
@@ -219,6 +219,8 @@ def test_bad_params_are_named():
         build_objective("smd_energy", beta=2.0)
     with pytest.raises(ValueError, match="mean_weight=-1"):
         build_objective("smd_energy", mean_weight=-1)
+    with pytest.raises(ValueError, match="marginal_weight=-1"):
+        build_objective("smd_energy", marginal_weight=-1)
 
 
 @pytest.mark.parametrize("name", ["smd_mixture", "smd_energy"])
@@ -272,13 +274,14 @@ class DrawNet(nn.Module):
         return self.mu + self.log_sd.exp() * eta
 
 
-def test_energy_score_matches_hand_written_formula(schedule):
+@pytest.mark.parametrize("marginal_weight", [0.0, 0.5])
+def test_energy_score_matches_hand_written_formula(schedule, marginal_weight):
     torch.manual_seed(0)
     net, x0, M = NoisyNet(), _x0(), 3
     gen = torch.Generator().manual_seed(11)
     t = torch.randint(0, T, (x0.shape[0],), generator=gen)
     noise = torch.randn(x0.shape, generator=gen)
-    obj = build_objective("smd_energy", num_eta_samples=M)
+    obj = build_objective("smd_energy", num_eta_samples=M, marginal_weight=marginal_weight)
     loss, logs = obj(net, x0, schedule=schedule, generator=torch.Generator().manual_seed(2),
                      t=t, noise=noise)
     x_t = schedule.q_sample(x0, t, noise)
@@ -290,9 +293,40 @@ def test_energy_score_matches_hand_written_formula(schedule):
         fit = sum(((pred[m, i] - y[i]).square().mean() + 1e-8).sqrt() for m in range(M)) / M
         pairs = [((pred[m, i] - pred[k, i]).square().mean() + 1e-8).sqrt()
                  for m in range(M) for k in range(M) if m != k]
-        per_ex.append(fit - sum(pairs) / (2 * M * (M - 1)))
-    torch.testing.assert_close(loss, torch.stack(per_ex).mean(), rtol=1e-5, atol=1e-7)
+        score = fit - sum(pairs) / (2 * M * (M - 1))
+        # the marginal score: each coordinate on its own, then the mean over coordinates
+        fit1 = sum((pred[m, i] - y[i]).abs().mean() for m in range(M)) / M
+        pairs1 = [(pred[m, i] - pred[k, i]).abs().mean()
+                  for m in range(M) for k in range(M) if m != k]
+        per_ex.append(score + marginal_weight * (fit1 - sum(pairs1) / (2 * M * (M - 1))))
+    torch.testing.assert_close(loss, torch.stack(per_ex).mean(), rtol=1e-5, atol=1e-6)
     assert logs["energy_spread"] > 0
+
+
+def test_the_marginal_score_charges_noise_on_a_certain_background(schedule):
+    """Draws of the exact posterior (one of two strokes, varied, on a blank background), then the
+    same draws with independent noise of size 0.05 on the background: scored over the whole
+    picture the noise costs far less than the marginal score charges for it (second against
+    first order in its size)."""
+    gen = torch.Generator().manual_seed(0)
+    D, B, M = 256, 2000, 4
+    picture = torch.zeros(D)
+    picture[:32] = 1.0
+
+    def draw():
+        sign = torch.randint(0, 2, (B, 1), generator=gen).float() * 2 - 1
+        return (sign + 0.3 * torch.randn(B, D, generator=gen)) * picture
+
+    target = draw()
+    exact = torch.stack([draw() for _ in range(M)])
+    noisy = exact + 0.05 * torch.randn(M, B, D, generator=gen) * (picture == 0)
+    cost = {}
+    for weight in (0.0, 1.0):
+        obj = EnergyObjective(num_eta_samples=M, marginal_weight=weight)
+        t = torch.zeros(B, dtype=torch.long)
+        cost[weight] = (obj.loss(noisy, target, t, schedule)[0]
+                        - obj.loss(exact, target, t, schedule)[0]).item()
+    assert 0 < cost[0.0] and cost[1.0] - cost[0.0] > 20 * cost[0.0], cost
 
 
 def test_energy_score_is_minimised_by_the_true_spread(schedule):
