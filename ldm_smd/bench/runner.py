@@ -36,6 +36,8 @@ finished) is given: :mod:`ldm_smd.bench.earlier`. Whatever is replaced is said.
 from __future__ import annotations
 
 import logging
+import os
+import threading
 import time
 import warnings
 from collections.abc import Sequence
@@ -58,7 +60,16 @@ from ldm_smd.console import quiet_lightning
 from ldm_smd.jsonio import dumps
 from ldm_smd.locks import FolderLock
 
+#: exit status of a worker whose benchmark process has ended
+PARENT_GONE = 75
+
 __all__ = ["SAMPLE_STREAM", "load_bench_config", "run_benchmark", "run_mixture_benchmark"]
+
+
+def worker_pool(workers: int, threads: int) -> ProcessPoolExecutor:
+    """``workers`` spawned processes of ``threads`` threads each that end when this one does."""
+    return ProcessPoolExecutor(workers, mp_context=get_context("spawn"),
+                               initializer=_init_worker, initargs=(threads, os.getpid()))
 
 
 def load_bench_config(
@@ -75,8 +86,24 @@ def load_bench_config(
     return config
 
 
-def _init_worker(threads: int) -> None:
-    """Many short runs: Lightning's banners and the notes that hold for every run once."""
+def _exit_with(parent: int) -> None:
+    """End this process as soon as ``parent`` is no longer its parent (it has ended)."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(PARENT_GONE)
+
+
+def _init_worker(threads: int, parent: int | None = None) -> None:
+    """Many short runs: Lightning's banners and the notes that hold for every run once.
+
+    In a worker process, ``parent`` is the benchmark's pid: a thread ends the worker when that
+    process ends, however it ends. The benchmark's folder lock dies with the benchmark, so a
+    worker left training would otherwise write into run folders that a second command (``--resume``)
+    has taken over.
+    """
+    if parent is not None:
+        threading.Thread(target=_exit_with, args=(parent,), daemon=True,
+                         name="ldm-smd-exit-with-parent").start()
     torch.set_num_threads(threads)
     quiet_lightning()
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
@@ -218,8 +245,7 @@ def _run(config: dict, config_path: str | Path, out: Path, *, methods: list[str]
         finally:
             torch.set_num_threads(saved)
     else:
-        with ProcessPoolExecutor(workers, mp_context=get_context("spawn"),
-                                 initializer=_init_worker, initargs=(threads,)) as pool:
+        with worker_pool(workers, threads) as pool:
             futures = [pool.submit(run_job, (config, job, out)) for job in jobs_left]
             for future in as_completed(futures):
                 collect(future.result())

@@ -5,6 +5,11 @@ second command on the same folder loses nothing; fast samplers and scores during
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -335,3 +340,54 @@ def test_a_second_command_into_a_held_folder_is_refused(tmp_path):
                                   methods=["vanilla"], progress=False)
         assert sorted(p.name for p in out.iterdir()) == [".ldm-smd.lock"]
     assert not out.exists()  # the lock made it and nothing was written
+
+
+POOL_SCRIPT = '''
+import os, sys, time
+from ldm_smd.bench.runner import worker_pool
+
+def report(folder):
+    open(os.path.join(folder, str(os.getpid())), "w").close()
+    time.sleep(600)
+
+if __name__ == "__main__":
+    pool = worker_pool(2, 1)
+    for _ in range(2):
+        pool.submit(report, sys.argv[1])
+    time.sleep(600)
+'''
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie waiting for its reaper counts as ended)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
+def test_the_workers_end_when_the_benchmark_process_is_killed(tmp_path):
+    """kill -9 of the benchmark drops its folder lock; its training workers must not go on
+    writing into run folders that a second command may have taken over."""
+    script, pids = tmp_path / "pool.py", tmp_path / "pids"
+    script.write_text(POOL_SCRIPT)
+    pids.mkdir()
+    bench, workers = subprocess.Popen([sys.executable, str(script), str(pids)]), []
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(pids.iterdir())) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        workers = [int(p.name) for p in pids.iterdir()]
+        assert len(workers) == 2 and all(map(_running, workers)), workers
+        bench.kill()
+        bench.wait()
+        deadline = time.monotonic() + 30
+        while any(map(_running, workers)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(map(_running, workers)), "a worker outlived its benchmark"
+    finally:
+        bench.kill()
+        for pid in filter(_running, workers):  # a failed check leaves no sleeper behind
+            os.kill(pid, signal.SIGKILL)
