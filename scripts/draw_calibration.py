@@ -33,20 +33,11 @@ def calibrate(name: str, path: Path, args: argparse.Namespace) -> list[dict]:
     images = MNIST5k(root=args.data, split="heldout").images[: args.n]
     generator = torch.Generator().manual_seed(args.seed)
     x0 = model.first_stage_model.encode(images)
-    network = model.model.diffusion_model
-    pixel_space = model.first_stage_model.is_identity
-
-    def run() -> list[dict]:
+    with model.sampling_network() as network:
         return draw_calibration(
             network, x0, schedule=model.schedule, parameterization=model.parameterization,
-            generator=generator, num_draws=args.draws,
-            clip_x0=bool(model.hparams["clip_x0"]) and pixel_space,
+            generator=generator, num_draws=args.draws, clip_x0=model.clips_x0,
         )
-
-    if model.model_ema is not None:
-        with model.model_ema.swapped_in(network):
-            return run()
-    return run()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -290,10 +290,9 @@ class EnergyObjective(MultiEtaObjective):
         """``||d||^beta`` with the RMS norm over all dims after the first two; ``marginal``: the
         mean over those dims of each coordinate's ``|d|^beta``."""
         sq = diff.square().flatten(2)
-        if marginal:
-            return (sq if beta == 2 else (sq + 1e-8).pow(beta / 2)).mean(dim=2)
-        ms = sq.mean(dim=2)
-        return ms if beta == 2 else (ms + 1e-8).pow(beta / 2)
+        if not marginal:
+            sq = sq.mean(dim=2, keepdim=True)
+        return (sq if beta == 2 else (sq + 1e-8).pow(beta / 2)).mean(dim=2)
 
     def _score(self, pred: torch.Tensor, target: torch.Tensor, beta: float,
                marginal: bool = False):

@@ -21,14 +21,12 @@ Every figure is in the space the model denoises (pixels, or latents) and over al
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
+from ldm_smd.diffusion.samplers import Denoiser
 from ldm_smd.diffusion.schedule import NoiseSchedule, x0_and_eps
-from ldm_smd.rng import GeneratorLike
-
-Denoiser = Callable[[torch.Tensor, torch.Tensor, GeneratorLike], torch.Tensor]
 
 
 @torch.no_grad()

@@ -20,7 +20,8 @@ exactly what an uninterrupted one would have.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import lightning as L
@@ -252,27 +253,36 @@ class LatentDiffusion(L.LightningModule):
         the options of the ``sampler`` block."""
         chosen = self.sampler.replace(kind=sampler, steps=steps, spacing=spacing,
                                       ddim_eta=ddim_eta)
-        network = self.model.diffusion_model
-
-        def run() -> torch.Tensor:
+        with self.sampling_network(use_ema=use_ema) as network:
             return chosen.run(
                 network,
                 (n, *self.latent_shape),
                 schedule=self.schedule,
                 parameterization=self.parameterization,
                 generator=generator,
-                clip_x0=bool(self.hparams["clip_x0"]) and self.first_stage_model.is_identity,
+                clip_x0=self.clips_x0,
                 progress=progress,
                 device=self.device,
             )
 
+    @property
+    def clips_x0(self) -> bool:
+        """Whether sampling clamps the x0 estimate to [-1, 1] (``clip_x0``, pixel space only)."""
+        return bool(self.hparams["clip_x0"]) and self.first_stage_model.is_identity
+
+    @contextmanager
+    def sampling_network(self, *, use_ema: bool = True) -> Iterator[nn.Module]:
+        """The network with the weights sampling uses (the EMA's where there is one and
+        ``use_ema``), in eval mode; its weights and mode are restored on leaving."""
+        network = self.model.diffusion_model
         was_training = network.training
         network.eval()
         try:
             if use_ema and self.model_ema is not None:
                 with self.model_ema.swapped_in(network):
-                    return run()
-            return run()
+                    yield network
+            else:
+                yield network
         finally:
             network.train(was_training)
 
