@@ -17,6 +17,8 @@ num_res_blocks 2, attention at 16x16, one head; the same backbone in every case)
 - ``smd_image_M2`` / ``smd_image_M4``: SMD with a per-picture latent (``image_latent_dim`` 32,
   placement ``none``), ``smd_energy`` with 2 / 4 draws: the draws share the encoder half's pass,
   the middle block and the decoder run once per draw;
+- ``smd_deviation_M4``: the per-picture latent on the deviation path (``draw_path: deviation``):
+  the backbone (the regression) runs once, a small deviation head once per draw;
 - ``smd_mixture_M4``: ``smd_mixture`` with 4 eta samples at the reference placement (the network
   sees 4x the rows); its train time is also reported per eta sample;
 - ``smd_reference_dxd``: the reference implementation's cost model, a hypernetwork that builds

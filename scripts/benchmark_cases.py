@@ -22,8 +22,8 @@ from ldm_smd.nn.unet import UNetModel
 from ldm_smd.rng import repeat_rows
 
 CASE_NAMES = ("vanilla", "smd_paper", "smd_paper_unbounded", "smd_energy_M4", "smd_energy_M8",
-              "smd_image_M2", "smd_image_M4", "smd_mixture_M4", "smd_reference_dxd",
-              "diffusers_unet2d")
+              "smd_image_M2", "smd_image_M4", "smd_deviation_M4", "smd_mixture_M4",
+              "smd_reference_dxd", "diffusers_unet2d")
 CHANNEL_MULT = (1, 2, 2, 2)
 NUM_RES_BLOCKS = 2
 ATTENTION_RESOLUTIONS = (2,)  # downsampling factor 2: 16x16 for 32x32 inputs
@@ -140,9 +140,10 @@ def build_network(name: str, width: int, image_size: int = 32) -> nn.Module:
                      attention_resolutions=ATTENTION_RESOLUTIONS, norm_groups=32)
     if name == "vanilla":
         return unet
-    if name.startswith("smd_image"):
+    if name.startswith(("smd_image", "smd_deviation")):
+        path = "deviation" if name.startswith("smd_deviation") else "decoder"
         return SMDNetwork(backbone=unet, latent_dim=LATENT_DIM, placement="none",
-                          image_latent_dim=IMAGE_LATENT_DIM)
+                          image_latent_dim=IMAGE_LATENT_DIM, draw_path=path)
     bound = "none" if name in ("smd_paper_unbounded", "smd_reference_dxd") else "tanh"
     placement = "output" if name.startswith("smd_energy") else "input_output"
     net = SMDNetwork(backbone=unet, latent_dim=LATENT_DIM, hypernet_layers=HYPERNET_LAYERS,
@@ -154,7 +155,7 @@ def objective_for(name: str):
     """(objective, eta samples per example) of case ``name``."""
     if name == "smd_mixture_M4":
         return build_objective("smd_mixture", num_eta_samples=MIXTURE_M), MIXTURE_M
-    if name.startswith(("smd_energy_M", "smd_image_M")):
+    if name.startswith(("smd_energy_M", "smd_image_M", "smd_deviation_M")):
         m = int(name.rsplit("M", 1)[1])
         return build_objective("smd_energy", num_eta_samples=m), m
     if name in ("vanilla", "diffusers_unet2d"):

@@ -115,13 +115,15 @@ def _goals_of(by: dict[tuple[str, int], dict]) -> list[str]:
                            f"/vanilla train {_ratio(energy, van, 'train_step')}, sample "
                            f"{_ratio(energy, van, 'sample_step')} (goal for the default SMD: "
                            f"train <= 1.3x, wall): {'MET' if train <= 1.3 else 'MISSED'}")
-        for name in ("smd_image_M2", "smd_image_M4"):
+        for name in ("smd_image_M2", "smd_image_M4", "smd_deviation_M4"):
             image = by.get((name, width))
             if van and image:
                 train = image["train_step_ms"] / van["train_step_ms"]
                 sample = image["sample_step_ms"] / van["sample_step_ms"]
-                out.append(f"w{width}: {name} (per-picture latent, draws share the encoder's "
-                           f"pass)/vanilla train {_ratio(image, van, 'train_step')}, sample "
+                shared = ("the backbone's pass, a deviation head per draw"
+                          if name.startswith("smd_deviation") else "the encoder's pass")
+                out.append(f"w{width}: {name} (per-picture latent, draws share {shared})"
+                           f"/vanilla train {_ratio(image, van, 'train_step')}, sample "
                            f"{_ratio(image, van, 'sample_step')} (goal for the image default: "
                            f"train <= 1.5x, sample <= 1.15x, wall): "
                            f"{'MET' if train <= 1.5 and sample <= 1.15 else 'MISSED'}")

@@ -5,6 +5,10 @@ Both evaluate ``M = num_eta_samples`` draws of ``eta`` for each ``x_t`` in one n
 rows, row ``i + m * B`` being example ``i`` under draw ``m``; with placement ``"output"`` the
 draws share one backbone pass). Only a network that declares it draws eta (:func:`draws_eta`)
 is asked for ``M > 1`` draws; asking another is an error that says so.
+
+A network whose draws centre on a regression it must fit (``trains_regression``: SMD's deviation
+path, :mod:`ldm_smd.nn.deviation`) is asked for that regression too; only the energy objective
+trains it (by the squared error, as vanilla's network is trained).
 """
 
 from __future__ import annotations
@@ -66,11 +70,25 @@ class MultiEtaObjective(DenoisingObjective):
     def __repr__(self) -> str:
         return f"{super().__repr__()[:-1]}, num_eta_samples={self.num_eta_samples})"
 
+    #: whether :meth:`loss` fits a network's regression (see :meth:`predictions`)
+    fits_regression = False
+
     def predictions(self, network: Network, x_t: torch.Tensor, t: torch.Tensor,
                     generator: GeneratorLike) -> torch.Tensor:
         """The network's predictions under ``M`` draws of ``eta``: shape (M, B, ...); the
-        :meth:`loss` of a subclass receives them with the targets (B, ...)."""
+        :meth:`loss` of a subclass receives them with the targets (B, ...). For a network that
+        ``trains_regression``, (M + 1, B, ...): the M draws, then its regression."""
         M = self.num_eta_samples
+        if getattr(network, "trains_regression", False):
+            if not self.fits_regression:
+                raise UsageError(
+                    f"{type(network).__name__} draws around a regression that its objective must "
+                    f"fit by the squared error; {type(self).__name__} does not: use "
+                    f"EnergyObjective"
+                )
+            draws, regression = network(x_t, t, generator=generator, num_eta_samples=M,
+                                        with_regression=True)
+            return torch.cat([draws.reshape(M, *regression.shape), regression[None]])
         if M == 1:
             return network(x_t, t, generator=generator)[None]
         if not draws_eta(network):
@@ -246,7 +264,12 @@ class EnergyObjective(MultiEtaObjective):
             spread terms nearly cancel in high dimension); per coordinate it costs about ``d``
             where the target is certain (a blank background). Each coordinate's score is proper
             for its marginal, so the sum stays proper.
+
+    With a network that ``trains_regression`` the loss also has the weighted squared error of its
+    regression (vanilla's loss, on the parameters the draws do not reach).
     """
+
+    fits_regression = True
 
     def __init__(
         self,
@@ -306,7 +329,11 @@ class EnergyObjective(MultiEtaObjective):
 
     def loss(self, pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor,
              schedule: NoiseSchedule) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The energy score from predictions (M, B, ...) and targets (B, ...)."""
+        """The energy score from predictions (M, B, ...) and targets (B, ...); predictions
+        (M + 1, B, ...) end with a regression, whose squared error is added."""
+        regression = None
+        if pred.shape[0] == self.num_eta_samples + 1:
+            pred, regression = pred[:-1], pred[-1]
         fit, spread = self._score(pred, target, self.beta)
         score = fit - 0.5 * spread
         if self.mean_weight:
@@ -317,10 +344,16 @@ class EnergyObjective(MultiEtaObjective):
             score = score + self.marginal_weight * (fit1 - 0.5 * spread1)
         w = self._weights(schedule, t, score)
         loss = (w * score).mean()
+        extra = {}
+        if regression is not None:
+            raw = self._errors(regression, target)
+            extra["loss_regression"] = (w * raw).mean()
+            loss = loss + extra["loss_regression"]
         logs = {
             "loss": loss.detach(),
             "loss_simple": (pred - target[None]).square().mean().detach(),
             "energy_fit": (w * fit).mean().detach(),
             "energy_spread": (w * spread).mean().detach(),
+            **{name: value.detach() for name, value in extra.items()},
         }
         return loss, logs

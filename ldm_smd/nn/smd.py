@@ -38,6 +38,13 @@ The image-level latent (``image_latent_dim > 0``, :mod:`ldm_smd.nn.image_latent`
 ``eta`` drawn once per picture, turned into one code per picture that the backbone adds to the
 time embedding of its middle block and decoder, so that the whole picture follows one draw. The
 authors' per-position form is ``image_latent_dim: 0`` with any placement but ``"none"``.
+
+Draw paths of the image-level latent: ``"decoder"`` (the code shifts the backbone's middle block
+and decoder, so one network both regresses and draws) or ``"deviation"`` (the backbone is left the
+vanilla regression ``mu``, trained by the squared error alone, and a draw is ``mu`` plus the
+output of a small head that sees the code: :mod:`ldm_smd.nn.deviation`). A network on the
+deviation path returns, when asked with ``with_regression=True``, its regression beside its draws
+(:attr:`SMDNetwork.trains_regression`), which is how the energy objective trains it.
 """
 
 from __future__ import annotations
@@ -46,6 +53,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm_smd.errors import UsageError
+from ldm_smd.nn.deviation import DeviationHead
 from ldm_smd.nn.hypernet import HYPERNET_BOUNDS, HYPERNET_INITS, Hypernetwork
 from ldm_smd.nn.image_latent import ImageLatentGenerator
 from ldm_smd.nn.layers import (
@@ -58,6 +67,7 @@ from ldm_smd.nn.layers import (
 from ldm_smd.rng import randn, randn_like, repeat_generators, repeat_rows
 
 PLACEMENTS = ("input_output", "every_level", "output", "none")
+DRAW_PATHS = ("decoder", "deviation")
 #: placements whose eta draws share the backbone's pass (or, with the image-level latent, its
 #: encoder's): every modulated layer comes after it
 SHARED_PASS_PLACEMENTS = ("output", "none")
@@ -169,6 +179,12 @@ image-level latent) runs once for all ``M``. The class
         image_latent_dim: size of the per-picture part of ``eta`` (0: none, the authors' form).
         image_latent_width: width of the image-level generator
             (:class:`~ldm_smd.nn.image_latent.ImageLatentGenerator`); None -> the generator width.
+        draw_path: how the image-level code reaches the prediction: ``"decoder"`` (it shifts the
+            backbone's middle block and decoder) or ``"deviation"`` (the backbone is the vanilla
+            regression and the code drives a :class:`~ldm_smd.nn.deviation.DeviationHead` whose
+            output is added to it; needs placement ``"none"`` and an objective that trains the
+            regression, :class:`~ldm_smd.diffusion.multi_eta.EnergyObjective`).
+        deviation_width: full-resolution width of the deviation head; None -> the generator width.
     """
 
     draws_eta = True
@@ -186,8 +202,20 @@ image-level latent) runs once for all ``M``. The class
         generator_global_context: bool = False,
         image_latent_dim: int = 0,
         image_latent_width: int | None = None,
+        draw_path: str = "decoder",
+        deviation_width: int | None = None,
     ):
         super().__init__()
+        if draw_path not in DRAW_PATHS:
+            raise ValueError(f"draw_path={draw_path!r} is not one of {list(DRAW_PATHS)}")
+        if draw_path == "deviation" and (placement != "none" or not image_latent_dim):
+            raise ValueError(
+                f"draw_path='deviation' draws around the backbone's regression with the "
+                f"per-picture latent only: it needs placement='none' and image_latent_dim > 0, "
+                f"got placement={placement!r}, image_latent_dim={image_latent_dim}"
+            )
+        if deviation_width is not None and deviation_width < 1:
+            raise ValueError(f"deviation_width must be >= 1 or None, got {deviation_width}")
         if placement not in PLACEMENTS:
             raise ValueError(f"placement={placement!r} is not one of {list(PLACEMENTS)}")
         if hypernet_bound not in HYPERNET_BOUNDS:
@@ -262,6 +290,13 @@ image-level latent) runs once for all ``M``. The class
             code_channels=backbone.context_channels,
             width=image_latent_width or width,
         ) if image_latent_dim else None
+        self.draw_path = draw_path
+        self.deviation = DeviationHead(
+            in_channels=backbone.model_channels + 2 * backbone.in_channels,
+            out_channels=self.out_channels,
+            code_channels=backbone.context_channels,
+            width=deviation_width or width,
+        ) if draw_path == "deviation" else None
         self.hypernets = nn.ModuleDict(
             {
                 site: Hypernetwork(channels=ch, latent_dim=latent_dim,
@@ -271,6 +306,13 @@ image-level latent) runs once for all ``M``. The class
             }
         )
         self.site_strides = {s: int(backbone.modulation_site_strides.get(s, 1)) for s in sites}
+
+    @property
+    def trains_regression(self) -> bool:
+        """Whether the network's draws centre on a regression that training must fit by the
+        squared error (``draw_path="deviation"``): then ``forward(..., with_regression=True)``
+        returns ``(draws, regression)``."""
+        return self.deviation is not None
 
     def _eta(self, x_t: torch.Tensor, generator, eta: torch.Tensor | None) -> torch.Tensor:
         if eta is None:
@@ -311,8 +353,11 @@ image-level latent) runs once for all ``M``. The class
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, generator=None, *,
                 eta: torch.Tensor | None = None, eta_image: torch.Tensor | None = None,
-                num_eta_samples: int = 1) -> torch.Tensor:
+                num_eta_samples: int = 1, with_regression: bool = False):
         M = num_eta_samples
+        if with_regression and self.deviation is None:
+            raise UsageError(f"SMDNetwork: with_regression=True needs draw_path='deviation', "
+                             f"this network's is {self.draw_path!r}")
         t = _per_row(t, x_t)
         x_all, t_all = x_t, t
         if M > 1:  # the M copies of each row: rows i + m * B
@@ -323,6 +368,8 @@ image-level latent) runs once for all ``M``. The class
         context = None
         if self.image_generator is not None:  # drawn first: the authors' form draws as before
             eta_image = self._eta_image(x_all.shape[0], x_t, generator, eta_image)
+            if self.deviation is not None:
+                return self._around_regression(x_t, t, generator, eta_image, M, with_regression)
             context = self.image_generator(eta_image, x_t, t)
         if not self.hypernets:
             return self.backbone(x_t, t, generator, context=context)
@@ -344,6 +391,30 @@ image-level latent) runs once for all ``M``. The class
             return self.backbone(x_t, t, generator, modulation=modulation)
         return self.backbone(x_t, t, generator, modulation=modulation, context=context)
 
+    def _around_regression(self, x_t, t, generator, eta_image, M, with_regression):
+        """Draws ``mu + d`` (M B rows) of the deviation path, and ``mu`` if asked.
+
+        ``d(eta) = (f(eta) - f(-eta)) / 2`` with ``f`` the head under the code of ``eta``: odd in
+        ``eta``, whose law is symmetric, so the draws average to the regression exactly.
+        """
+        if self.training and torch.is_grad_enabled() and not with_regression:
+            raise UsageError(
+                "SMDNetwork: draw_path='deviation' trains its backbone, the regression, by the "
+                "squared error, which the training objective must ask for (with_regression=True): "
+                "use ldm_smd.diffusion.objectives.EnergyObjective"
+            )
+        kept = {}
+
+        def keep_features(h: torch.Tensor, site: str) -> torch.Tensor:
+            kept[site] = h
+            return h
+
+        mu = self.backbone(x_t, t, generator, modulation=keep_features)
+        inputs = torch.cat([kept["output"], mu, x_t], dim=1).detach()
+        code = self.image_generator(torch.cat([eta_image, -eta_image]), x_t, t)
+        f = self.deviation(repeat_rows(inputs, 2 * M), code)
+        draws = repeat_rows(mu.detach(), M) + 0.5 * (f[:M * mu.shape[0]] - f[M * mu.shape[0]:])
+        return (draws, mu) if with_regression else draws
 
 def _per_row(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Timesteps as a (B,) tensor for ``x`` of batch B (a single timestep is broadcast)."""
