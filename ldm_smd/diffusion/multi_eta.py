@@ -48,6 +48,9 @@ class MultiEtaObjective(DenoisingObjective):
         num_eta_samples: M, the eta draws per example.
     """
 
+    #: whether :meth:`loss` fits a network's regression (see :meth:`predictions`)
+    fits_regression = False
+
     def __init__(
         self,
         *,
@@ -69,9 +72,6 @@ class MultiEtaObjective(DenoisingObjective):
 
     def __repr__(self) -> str:
         return f"{super().__repr__()[:-1]}, num_eta_samples={self.num_eta_samples})"
-
-    #: whether :meth:`loss` fits a network's regression (see :meth:`predictions`)
-    fits_regression = False
 
     def predictions(self, network: Network, x_t: torch.Tensor, t: torch.Tensor,
                     generator: GeneratorLike) -> torch.Tensor:
@@ -344,16 +344,13 @@ class EnergyObjective(MultiEtaObjective):
             score = score + self.marginal_weight * (fit1 - 0.5 * spread1)
         w = self._weights(schedule, t, score)
         loss = (w * score).mean()
-        extra = {}
-        if regression is not None:
-            raw = self._errors(regression, target)
-            extra["loss_regression"] = (w * raw).mean()
-            loss = loss + extra["loss_regression"]
         logs = {
-            "loss": loss.detach(),
             "loss_simple": (pred - target[None]).square().mean().detach(),
             "energy_fit": (w * fit).mean().detach(),
             "energy_spread": (w * spread).mean().detach(),
-            **{name: value.detach() for name, value in extra.items()},
         }
-        return loss, logs
+        if regression is not None:  # vanilla's loss, on the parameters the draws do not reach
+            regression_loss = (w * self._errors(regression, target)).mean()
+            loss = loss + regression_loss
+            logs["loss_regression"] = regression_loss.detach()
+        return loss, {"loss": loss.detach(), **logs}

@@ -416,6 +416,7 @@ image-level latent) runs once for all ``M``. The class
         draws = repeat_rows(mu.detach(), M) + 0.5 * (f[:M * mu.shape[0]] - f[M * mu.shape[0]:])
         return (draws, mu) if with_regression else draws
 
+
 def _per_row(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Timesteps as a (B,) tensor for ``x`` of batch B (a single timestep is broadcast)."""
     t = t.reshape(-1)
