@@ -158,8 +158,8 @@ def format_table(summary: Mapping, methods: Sequence[str], T_list: Sequence[int]
             if has_floor:
                 floor = s.get(f"{lead}_floor", [float("nan")])[0]
                 first += f" ({floor:.{_digits(floor) if math.isfinite(floor) else 0}f})"
-            gap = s[layout.gap_key]
-            removed = "—" if method in no_gap else (
+            gap = s[layout.gap_key]  # nan without the baseline (or ideal) runs of this T
+            removed = "—" if method in no_gap or not math.isfinite(gap[0]) else (
                 format_value([100 * gap[0], 100 * gap[1]], 0) + " %")
             cost = [s[k][0] for k in ("train_s", "ms_per_step", "steps")]
             cells = [str(T), method, first, removed, *(format_value(s[m]) for m in rest),

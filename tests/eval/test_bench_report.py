@@ -54,6 +54,13 @@ def test_the_table_leads_with_the_first_metric_and_its_gap_paired_by_seed():
     assert real.endswith("| — | — | — |")  # no training
 
 
+def test_a_method_run_without_the_baseline_shows_no_gap():
+    runs = [r for r in _runs() if r["method"] != "vanilla"]
+    rows = ["smd", "real_data"]
+    (smd, _) = format_table(aggregate(runs, rows, [2], IMAGES), rows, [2], IMAGES).splitlines()[2:]
+    assert smd.startswith("| 2 | smd | 5.000 ± 1.414 | — | 0.500 ± 0.000 |")
+
+
 def test_a_stopped_benchmark_tabulates_from_its_log(tmp_path):
     runs = _runs()
     (tmp_path / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
